@@ -1,0 +1,16 @@
+//! blkrep's replication engine.
+//!
+//! The engine decides; drivers move bytes. [`volume::Volume`] is a single-threaded, sans-IO
+//! state machine: it consumes [`volume::Input`]s (client requests, disk completions, peer
+//! messages, timer ticks, operator commands) and produces [`volume::Output`]s (disk
+//! operations, messages, client completions, events). The daemon drives it with io_uring,
+//! sockets and the real clock; the simulator drives the same code with simulated ones.
+
+pub mod buf;
+pub mod msg;
+pub mod types;
+
+pub use buf::AlignedBuf;
+pub use types::*;
+pub mod meta;
+pub mod status;

@@ -1,0 +1,360 @@
+//! Persistent per-node metadata: format only (encode, decode, validate).
+//!
+//! The metadata area is two 4 KiB slots at offsets 0 and 4096 of the metadata file or
+//! device. Every update writes the slot *not* holding the newest copy, with a counter one
+//! higher, and makes it durable; a reader takes the valid slot with the highest counter.
+//! A torn update therefore leaves the previous copy intact. Each slot carries a magic, a
+//! format version and a blake3 checksum; a foreign, torn or corrupt slot is never trusted.
+//!
+//! Slot layout (little endian):
+//! ```text
+//!   0  magic     8  b"BLKRPMD\0"
+//!   8  version   4  FORMAT_VERSION
+//!  12  body_len  4  bytes of body that follow
+//!  16  body      body_len bytes (see Metadata::encode_body)
+//!  16+body_len   blake3(bytes 0 .. 16+body_len), 32 bytes
+//! ```
+
+use crate::types::{DiskState, Role, Seq};
+
+/// Magic at the start of every metadata slot.
+pub const MAGIC: [u8; 8] = *b"BLKRPMD\0";
+/// Current metadata format version.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of one slot.
+pub const SLOT_SIZE: usize = 4096;
+/// Size of the whole metadata area (two slots).
+pub const AREA_SIZE: usize = 2 * SLOT_SIZE;
+const HEADER: usize = 16;
+const SUM: usize = 32;
+const MAX_NAME: usize = 255;
+
+/// Flag: the daemon stopped cleanly (every write it acknowledged was shipped or is
+/// accounted for). Cleared while a primary serves; an unclean start forces a full sync.
+pub const FLAG_CLEAN: u32 = 1 << 0;
+/// Flag: the peer is known to need a full sync from this node.
+pub const FLAG_PEER_NEEDS_FULL_SYNC: u32 = 1 << 1;
+
+/// Errors reading a metadata area.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetaError {
+    /// Neither slot starts with the blkrep magic: not (or no longer) blkrep metadata.
+    #[error("no blkrep metadata found (bad magic in both slots): run `blkrep create-md` first, or check the metadata path")]
+    NoMetadata,
+    /// A slot has the magic but a version this build cannot read.
+    #[error("metadata format version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    Version { found: u32 },
+    /// The slots carry the magic but none passes its checksum.
+    #[error("metadata is corrupt: no slot passes its checksum")]
+    Corrupt,
+    /// The area is shorter than two slots.
+    #[error("metadata area too small: {len} bytes, need {AREA_SIZE}")]
+    TooSmall { len: usize },
+    /// The metadata belongs to another resource, node or size.
+    #[error("metadata belongs to {what} {found:?}, config says {expected:?}")]
+    Foreign {
+        what: &'static str,
+        found: String,
+        expected: String,
+    },
+    /// A field does not fit the format (name too long).
+    #[error("{0}")]
+    Field(String),
+}
+
+/// The persistent state of one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Metadata {
+    /// Update counter; the slot with the highest valid counter wins.
+    pub counter: u64,
+    /// Resource name this metadata was created for.
+    pub resource: String,
+    /// Node name this metadata was created for.
+    pub node: String,
+    /// Volume size in bytes.
+    pub volume_size: u64,
+    /// Random id of this node's metadata instance (changes with every create-md).
+    pub node_uuid: u64,
+    /// Current data generation.
+    pub generation: u64,
+    /// Highest stream sequence known present (and durable) on the backing.
+    pub applied_seq: Seq,
+    /// The role this node held when the metadata was last written.
+    pub role: Role,
+    /// What the node knows about its data.
+    pub disk_state: DiskState,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+}
+
+impl Metadata {
+    /// Fresh metadata as `create-md` writes it: secondary, inconsistent, nothing applied.
+    pub fn new(resource: &str, node: &str, volume_size: u64, node_uuid: u64) -> Self {
+        Metadata {
+            counter: 1,
+            resource: resource.to_string(),
+            node: node.to_string(),
+            volume_size,
+            node_uuid,
+            generation: 0,
+            applied_seq: 0,
+            role: Role::Secondary,
+            disk_state: DiskState::Inconsistent,
+            flags: FLAG_CLEAN,
+        }
+    }
+
+    /// True when `flag` is set.
+    pub fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Set or clear `flag`.
+    pub fn set(&mut self, flag: u32, on: bool) {
+        if on {
+            self.flags |= flag
+        } else {
+            self.flags &= !flag
+        }
+    }
+
+    /// Encode into one slot image (exactly [`SLOT_SIZE`] bytes).
+    pub fn encode_slot(&self) -> Result<Vec<u8>, MetaError> {
+        let mut body = Vec::with_capacity(256);
+        body.extend_from_slice(&self.counter.to_le_bytes());
+        put_str(&mut body, "resource", &self.resource)?;
+        put_str(&mut body, "node", &self.node)?;
+        body.extend_from_slice(&self.volume_size.to_le_bytes());
+        body.extend_from_slice(&self.node_uuid.to_le_bytes());
+        body.extend_from_slice(&self.generation.to_le_bytes());
+        body.extend_from_slice(&self.applied_seq.to_le_bytes());
+        body.push(role_code(self.role));
+        body.push(disk_code(self.disk_state));
+        body.extend_from_slice(&self.flags.to_le_bytes());
+        let mut slot = Vec::with_capacity(SLOT_SIZE);
+        slot.extend_from_slice(&MAGIC);
+        slot.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        slot.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        slot.extend_from_slice(&body);
+        let sum = blake3::hash(&slot);
+        slot.extend_from_slice(sum.as_bytes());
+        slot.resize(SLOT_SIZE, 0);
+        Ok(slot)
+    }
+
+    /// Decode one slot.
+    pub fn decode_slot(slot: &[u8]) -> Result<Metadata, MetaError> {
+        if slot.len() < HEADER + SUM || slot[..8] != MAGIC {
+            return Err(MetaError::NoMetadata);
+        }
+        let version = u32::from_le_bytes(slot[8..12].try_into().unwrap());
+        if version != FORMAT_VERSION {
+            return Err(MetaError::Version { found: version });
+        }
+        let body_len = u32::from_le_bytes(slot[12..16].try_into().unwrap()) as usize;
+        if HEADER + body_len + SUM > slot.len().min(SLOT_SIZE) {
+            return Err(MetaError::Corrupt);
+        }
+        let end = HEADER + body_len;
+        if blake3::hash(&slot[..end]).as_bytes() != &slot[end..end + SUM] {
+            return Err(MetaError::Corrupt);
+        }
+        let mut r = Reader(&slot[HEADER..end]);
+        let m = Metadata {
+            counter: r.u64()?,
+            resource: r.string()?,
+            node: r.string()?,
+            volume_size: r.u64()?,
+            node_uuid: r.u64()?,
+            generation: r.u64()?,
+            applied_seq: r.u64()?,
+            role: role_from(r.u8()?)?,
+            disk_state: disk_from(r.u8()?)?,
+            flags: r.u32()?,
+        };
+        Ok(m)
+    }
+
+    /// Pick the newest valid copy from a whole metadata area (both slots). Returns the
+    /// metadata and the index of the slot it came from.
+    pub fn decode_area(area: &[u8]) -> Result<(Metadata, usize), MetaError> {
+        if area.len() < AREA_SIZE {
+            return Err(MetaError::TooSmall { len: area.len() });
+        }
+        let a = Self::decode_slot(&area[..SLOT_SIZE]);
+        let b = Self::decode_slot(&area[SLOT_SIZE..AREA_SIZE]);
+        match (a, b) {
+            (Ok(a), Ok(b)) => Ok(if b.counter > a.counter { (b, 1) } else { (a, 0) }),
+            (Ok(a), Err(_)) => Ok((a, 0)),
+            (Err(_), Ok(b)) => Ok((b, 1)),
+            (Err(ea), Err(eb)) => Err(match (ea, eb) {
+                (MetaError::Version { found }, _) | (_, MetaError::Version { found }) => {
+                    MetaError::Version { found }
+                }
+                (MetaError::NoMetadata, MetaError::NoMetadata) => MetaError::NoMetadata,
+                _ => MetaError::Corrupt,
+            }),
+        }
+    }
+
+    /// The slot index the next update must go to, given the slot the current copy is in.
+    pub fn next_slot(current_slot: usize) -> usize {
+        1 - current_slot
+    }
+
+    /// Check that this metadata belongs to the configured resource, node and size.
+    pub fn check_identity(&self, resource: &str, node: &str, size: u64) -> Result<(), MetaError> {
+        if self.resource != resource {
+            return Err(MetaError::Foreign {
+                what: "resource",
+                found: self.resource.clone(),
+                expected: resource.into(),
+            });
+        }
+        if self.node != node {
+            return Err(MetaError::Foreign {
+                what: "node",
+                found: self.node.clone(),
+                expected: node.into(),
+            });
+        }
+        if self.volume_size != size {
+            return Err(MetaError::Foreign {
+                what: "volume size",
+                found: self.volume_size.to_string(),
+                expected: size.to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, what: &str, s: &str) -> Result<(), MetaError> {
+    if s.len() > MAX_NAME {
+        return Err(MetaError::Field(format!(
+            "{what} name is {} bytes, at most {MAX_NAME} fit in the metadata",
+            s.len()
+        )));
+    }
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+struct Reader<'a>(&'a [u8]);
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], MetaError> {
+        if self.0.len() < n {
+            return Err(MetaError::Corrupt);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, MetaError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, MetaError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, MetaError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn string(&mut self) -> Result<String, MetaError> {
+        let n = self.u8()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| MetaError::Corrupt)
+    }
+}
+
+fn role_code(r: Role) -> u8 {
+    match r {
+        Role::Primary => 1,
+        Role::Secondary => 2,
+    }
+}
+fn role_from(c: u8) -> Result<Role, MetaError> {
+    match c {
+        1 => Ok(Role::Primary),
+        2 => Ok(Role::Secondary),
+        _ => Err(MetaError::Corrupt),
+    }
+}
+fn disk_code(d: DiskState) -> u8 {
+    match d {
+        DiskState::UpToDate => 1,
+        DiskState::Consistent => 2,
+        DiskState::Inconsistent => 3,
+        DiskState::Outdated => 4,
+        DiskState::Diskless => 5,
+    }
+}
+fn disk_from(c: u8) -> Result<DiskState, MetaError> {
+    Ok(match c {
+        1 => DiskState::UpToDate,
+        2 => DiskState::Consistent,
+        3 => DiskState::Inconsistent,
+        4 => DiskState::Outdated,
+        5 => DiskState::Diskless,
+        _ => return Err(MetaError::Corrupt),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Metadata {
+        let mut m = Metadata::new("r0", "alpha", 1 << 30, 42);
+        m.applied_seq = 77;
+        m.generation = 9;
+        m
+    }
+
+    #[test]
+    fn roundtrip_and_newest_slot_wins() {
+        let a = sample();
+        let mut b = a.clone();
+        b.counter = 2;
+        b.applied_seq = 100;
+        let mut area = a.encode_slot().unwrap();
+        area.extend(b.encode_slot().unwrap());
+        let (m, slot) = Metadata::decode_area(&area).unwrap();
+        assert_eq!((m, slot), (b, 1));
+    }
+
+    #[test]
+    fn torn_newest_slot_falls_back_to_previous() {
+        let a = sample();
+        let mut b = a.clone();
+        b.counter = 2;
+        let mut area = a.encode_slot().unwrap();
+        let mut bs = b.encode_slot().unwrap();
+        bs[40] ^= 0xff; // torn / corrupt
+        area.extend(bs);
+        assert_eq!(Metadata::decode_area(&area).unwrap(), (a, 0));
+    }
+
+    #[test]
+    fn foreign_and_corrupt_refused() {
+        assert_eq!(
+            Metadata::decode_area(&[0u8; AREA_SIZE]).unwrap_err(),
+            MetaError::NoMetadata
+        );
+        let mut s = sample().encode_slot().unwrap();
+        s[20] ^= 1;
+        let mut area = s.clone();
+        area.extend(s);
+        assert_eq!(Metadata::decode_area(&area).unwrap_err(), MetaError::Corrupt);
+        let mut v = sample().encode_slot().unwrap();
+        v[8] = 99;
+        let mut area = v.clone();
+        area.extend(v);
+        assert!(matches!(
+            Metadata::decode_area(&area).unwrap_err(),
+            MetaError::Version { found: 99 }
+        ));
+        assert!(sample().check_identity("r0", "beta", 1 << 30).is_err());
+        assert!(sample().check_identity("r0", "alpha", 1 << 20).is_err());
+        assert!(sample().check_identity("r0", "alpha", 1 << 30).is_ok());
+    }
+}

@@ -1,0 +1,69 @@
+//! A snapshot of the engine's state for `blkrep status`.
+
+use crate::types::{ConnState, DiskState, Mode, Role, Seq};
+use serde::{Deserialize, Serialize};
+
+/// Progress of a running resync.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    /// Bytes the resync has to move in all.
+    pub total_bytes: u64,
+    /// Bytes moved so far (acknowledged by the target).
+    pub done_bytes: u64,
+    /// Average rate so far, bytes per second.
+    pub rate_bytes_per_sec: f64,
+}
+
+/// The engine's view of itself and its peer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EngineStatus {
+    /// This node's role.
+    pub role: Role,
+    /// Replication mode.
+    pub mode: Mode,
+    /// This node's disk state.
+    pub disk_state: DiskState,
+    /// Current data generation.
+    pub generation: u64,
+    /// Connection state.
+    pub conn: ConnState,
+    /// Peer's role, when connected.
+    pub peer_role: Option<Role>,
+    /// Peer's disk state, when connected.
+    pub peer_disk_state: Option<DiskState>,
+    /// Why the last handshake was refused, if it was.
+    pub refused_reason: Option<String>,
+    /// Number of successful handshakes since start.
+    pub connects: u64,
+    /// Highest sequence issued (primary) or received (secondary).
+    pub last_seq: Seq,
+    /// Highest sequence the peer acknowledged as applied (primary).
+    pub acked_seq: Seq,
+    /// Highest sequence applied locally, everything before it too (secondary).
+    pub applied_seq: Seq,
+    /// Client writes submitted and not yet completed.
+    pub writes_in_flight: u64,
+    /// Bytes of those writes.
+    pub bytes_in_flight: u64,
+    /// Stream items shipped or queued but not yet acknowledged by the peer.
+    pub lag_items: u64,
+    /// Payload bytes of those items.
+    pub lag_bytes: u64,
+    /// Age of the oldest unacknowledged item, seconds (0 when none): the current RPO.
+    pub lag_seconds: f64,
+    /// True when the in-memory queue overflowed while disconnected and the peer will need a
+    /// full sync (a persistent journal and bitmaps come in later work).
+    pub peer_needs_full_sync: bool,
+    /// Resync progress, when one runs.
+    pub resync: Option<ResyncStatus>,
+    /// Client writes completed since start.
+    pub client_writes: u64,
+    /// Client reads completed since start.
+    pub client_reads: u64,
+    /// Bytes written by clients since start.
+    pub bytes_written: u64,
+    /// Bytes read by clients since start.
+    pub bytes_read: u64,
+    /// Client flushes completed since start.
+    pub flushes: u64,
+}
