@@ -105,7 +105,7 @@ impl std::fmt::Debug for AlignedBuf {
 
 /// True when `b` starts on an [`ALIGN`] boundary (so it may go to an `O_DIRECT` fd as is).
 pub fn is_aligned(b: &[u8]) -> bool {
-    (b.as_ptr() as usize) % ALIGN == 0
+    (b.as_ptr() as usize).is_multiple_of(ALIGN)
 }
 
 #[cfg(test)]

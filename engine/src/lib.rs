@@ -12,5 +12,14 @@ pub mod types;
 
 pub use buf::AlignedBuf;
 pub use types::*;
+mod handshake;
 pub mod meta;
+mod primary;
+pub mod ranges;
+mod secondary;
 pub mod status;
+pub mod volume;
+
+pub use volume::{
+    AdminCmd, AdminError, DiskKind, DiskOp, Event, Input, Output, Volume, VolumeConfig,
+};

@@ -42,7 +42,9 @@ pub enum MetaError {
     #[error("no blkrep metadata found (bad magic in both slots): run `blkrep create-md` first, or check the metadata path")]
     NoMetadata,
     /// A slot has the magic but a version this build cannot read.
-    #[error("metadata format version {found} is not supported (this build reads {FORMAT_VERSION})")]
+    #[error(
+        "metadata format version {found} is not supported (this build reads {FORMAT_VERSION})"
+    )]
     Version { found: u32 },
     /// The slots carry the magic but none passes its checksum.
     #[error("metadata is corrupt: no slot passes its checksum")]
@@ -184,7 +186,11 @@ impl Metadata {
         let a = Self::decode_slot(&area[..SLOT_SIZE]);
         let b = Self::decode_slot(&area[SLOT_SIZE..AREA_SIZE]);
         match (a, b) {
-            (Ok(a), Ok(b)) => Ok(if b.counter > a.counter { (b, 1) } else { (a, 0) }),
+            (Ok(a), Ok(b)) => Ok(if b.counter > a.counter {
+                (b, 1)
+            } else {
+                (a, 0)
+            }),
             (Ok(a), Err(_)) => Ok((a, 0)),
             (Err(_), Ok(b)) => Ok((b, 1)),
             (Err(ea), Err(eb)) => Err(match (ea, eb) {
@@ -344,7 +350,10 @@ mod tests {
         s[20] ^= 1;
         let mut area = s.clone();
         area.extend(s);
-        assert_eq!(Metadata::decode_area(&area).unwrap_err(), MetaError::Corrupt);
+        assert_eq!(
+            Metadata::decode_area(&area).unwrap_err(),
+            MetaError::Corrupt
+        );
         let mut v = sample().encode_slot().unwrap();
         v[8] = 99;
         let mut area = v.clone();

@@ -92,11 +92,15 @@ pub enum Msg {
     Hello(Hello),
     /// One replication stream item, primary to secondary.
     Item(StreamItem),
-    /// Secondary to primary: every item `<= applied` has been applied (flush items:
-    /// made durable).
-    Ack { applied: Seq },
-    /// Primary to secondary: a full sync starts; everything up to `upto` will be resent.
-    ResyncStart { total_bytes: u64 },
+    /// Secondary to primary: every item `<= applied` has been applied (a flush item counts
+    /// as applied once everything before it is durable), and every item `<= durable` is
+    /// durable and recorded in the secondary's metadata (the primary may release those).
+    Ack { applied: Seq, durable: Seq },
+    /// Primary to secondary: a full sync of `total_bytes` starts; the secondary is
+    /// Inconsistent until the matching [`Msg::ResyncDone`] is applied. Every stream item
+    /// `<= base_seq` is covered by the resync: the secondary sets its applied sequence to
+    /// `base_seq` and the stream continues at `base_seq + 1`.
+    ResyncStart { total_bytes: u64, base_seq: Seq },
     /// Primary to secondary: the full sync is complete once every item `<= seq` is applied.
     ResyncDone { seq: Seq },
     /// Liveness probe; answered with [`Msg::Pong`] carrying the same nonce.

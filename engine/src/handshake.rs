@@ -1,0 +1,149 @@
+//! Connection life cycle: the engine-level hello exchange and what each side decides.
+
+use crate::msg::{Hello, Msg, ENGINE_PROTOCOL_VERSION};
+use crate::types::*;
+use crate::volume::*;
+
+impl Volume {
+    pub(crate) fn peer_connected(&mut self, conn: ConnId) {
+        if let Some(old) = self.conn {
+            self.emit(Output::Close {
+                conn: old,
+                reason: "replaced by a newer connection".into(),
+            });
+            self.peer_closed(old);
+        }
+        self.conn = Some(conn);
+        self.conn_state = ConnState::Connecting;
+        self.peer = None;
+        self.last_recv_ns = self.now;
+        self.last_ack = (0, 0);
+        self.send(Msg::Hello(self.hello()));
+    }
+
+    pub(crate) fn peer_msg(&mut self, conn: ConnId, msg: Msg) {
+        if self.conn != Some(conn) {
+            return; // a message from a connection already given up
+        }
+        self.last_recv_ns = self.now;
+        if self.conn_state == ConnState::Connecting
+            && !matches!(msg, Msg::Hello(_) | Msg::Goodbye { .. })
+        {
+            self.protocol_error("peer sent data before its hello".into());
+            return;
+        }
+        match msg {
+            Msg::Hello(h) => self.on_hello(h),
+            Msg::Item(item) => self.on_item(item),
+            Msg::Ack { applied, durable } => self.on_ack(applied, durable),
+            Msg::ResyncStart {
+                total_bytes,
+                base_seq,
+            } => self.on_resync_start(total_bytes, base_seq),
+            Msg::ResyncDone { seq } => self.on_resync_done(seq),
+            Msg::Ping { nonce } => self.send(Msg::Pong { nonce }),
+            Msg::Pong { .. } => {}
+            Msg::Goodbye { reason } => {
+                self.event("disconnect", format!("peer says goodbye: {reason}"))
+            }
+        }
+    }
+
+    fn on_hello(&mut self, h: Hello) {
+        if h.version != ENGINE_PROTOCOL_VERSION {
+            return self.refuse(format!(
+                "peer {} speaks engine protocol {}, this node {}",
+                h.node, h.version, ENGINE_PROTOCOL_VERSION
+            ));
+        }
+        if h.resource != self.cfg.resource {
+            return self.refuse(format!(
+                "peer serves resource {:?}, this node {:?}",
+                h.resource, self.cfg.resource
+            ));
+        }
+        if h.node == self.cfg.node {
+            return self.refuse(format!("peer claims this node's own name {:?}", h.node));
+        }
+        if h.volume_size != self.cfg.volume_size {
+            return self.refuse(format!(
+                "volume size differs: peer {} has {} bytes, this node {}",
+                h.node, h.volume_size, self.cfg.volume_size
+            ));
+        }
+        let first = self.conn_state == ConnState::Connecting;
+        let peer_role = h.role;
+        let node = h.node.clone();
+        self.peer = Some(h);
+        if first {
+            self.connects += 1;
+            self.conn_state = ConnState::Connected;
+            self.refused_reason = None;
+            self.event(
+                "connect",
+                format!("connected to peer {node} ({peer_role:?})"),
+            );
+        }
+        match (self.role, peer_role) {
+            (Role::Primary, Role::Primary) => self.refuse(format!(
+                "split brain: both this node and peer {node} are primary; demote one of them \
+                 (its writes since they split will have to be discarded)"
+            )),
+            (Role::Primary, Role::Secondary) => self.start_streaming(),
+            (Role::Secondary, Role::Primary) => {
+                // Our own outgoing queue (left over from before a demote) is obsolete now:
+                // the peer only promoted after applying all of it.
+                self.streaming = false;
+                self.queue.clear();
+                self.queue_bytes = 0;
+            }
+            (Role::Secondary, Role::Secondary) => {}
+        }
+    }
+
+    /// Refuse the peer: record why, tell it, close.
+    pub(crate) fn refuse(&mut self, reason: String) {
+        let Some(conn) = self.conn else { return };
+        self.event("refused", format!("connection refused: {reason}"));
+        self.send(Msg::Goodbye {
+            reason: reason.clone(),
+        });
+        self.emit(Output::Close {
+            conn,
+            reason: reason.clone(),
+        });
+        self.peer_closed(conn);
+        self.conn_state = ConnState::Refused;
+        self.refused_reason = Some(reason);
+    }
+
+    /// The peer broke the protocol: log and close (the link will be re-established).
+    pub(crate) fn protocol_error(&mut self, reason: String) {
+        let Some(conn) = self.conn else { return };
+        self.event("protocol", reason.clone());
+        self.emit(Output::Close { conn, reason });
+        self.peer_closed(conn);
+    }
+
+    pub(crate) fn peer_closed(&mut self, conn: ConnId) {
+        if self.conn != Some(conn) {
+            return;
+        }
+        self.conn = None;
+        self.peer = None;
+        self.streaming = false;
+        if self.conn_state != ConnState::Refused {
+            self.conn_state = ConnState::Disconnected;
+            self.event("disconnect", "peer disconnected".into());
+        }
+        for q in self.queue.iter_mut() {
+            q.sent = false;
+        }
+        if let Some(r) = self.resync.as_mut() {
+            r.done_sent = false;
+        }
+        // Sync mode degrades: writes waiting for the peer complete on the local leg alone,
+        // their items stay queued for the next connection.
+        self.release_waiters();
+    }
+}

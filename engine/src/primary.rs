@@ -1,0 +1,585 @@
+//! The primary's side: client requests, local ordering, the ship queue and full sync.
+//!
+//! Every modifying client request gets the next sequence number at submission and enters
+//! the ship queue at once, so the stream order is the submission order. Locally, a request
+//! that overlaps one still in flight waits (in sequence order) until it has completed: the
+//! local image and the replica then see overlapping writes in the same order.
+
+use crate::msg::{ItemKind, Msg, StreamItem};
+use crate::ranges::overlap;
+use crate::types::*;
+use crate::volume::*;
+use bytes::Bytes;
+
+impl Volume {
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        let end = offset.checked_add(len).ok_or(IoError::Invalid)?;
+        if end > self.cfg.volume_size || !offset.is_multiple_of(self.cfg.sector) || !len.is_multiple_of(self.cfg.sector)
+        {
+            return Err(IoError::Invalid);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn client_read(&mut self, req: ReqId, offset: u64, len: u64) {
+        let result = if self.shutting_down.is_some() {
+            Err(IoError::Shutdown)
+        } else if self.disk_state == DiskState::Inconsistent {
+            // Never serve data that is known not to be a usable image.
+            Err(IoError::Io)
+        } else {
+            self.check_range(offset, len)
+        };
+        match result {
+            Err(e) => self.emit(Output::Complete {
+                req,
+                result: Err(e),
+            }),
+            Ok(()) if len == 0 => self.emit(Output::Complete {
+                req,
+                result: Ok(Some(Bytes::new())),
+            }),
+            Ok(()) => {
+                self.issue(Purpose::ClientRead { req }, DiskKind::Read { offset, len });
+            }
+        }
+    }
+
+    pub(crate) fn client_modify(&mut self, input: Input) {
+        let req = input_req(&input).expect("client input");
+        let check = if self.shutting_down.is_some() {
+            Err(IoError::Shutdown)
+        } else if self.role != Role::Primary {
+            Err(IoError::ReadOnly)
+        } else {
+            match &input {
+                Input::ClientWrite { offset, data, .. } => {
+                    self.check_range(*offset, data.len() as u64)
+                }
+                Input::ClientWriteZeroes { offset, len, .. }
+                | Input::ClientTrim { offset, len, .. } => self.check_range(*offset, *len),
+                _ => Ok(()),
+            }
+        };
+        if let Err(e) = check {
+            self.emit(Output::Complete {
+                req,
+                result: Err(e),
+            });
+            return;
+        }
+        if !self.stalled.is_empty() || self.queue_full() {
+            self.stalled.push_back(input);
+            return;
+        }
+        self.submit(input);
+    }
+
+    /// Backpressure: the peer is connected and the queue holds `queue_limit` bytes.
+    fn queue_full(&self) -> bool {
+        self.streaming && self.queue_bytes >= self.cfg.queue_limit
+    }
+
+    fn submit(&mut self, input: Input) {
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        let dep = self.completed_max;
+        let (req, local, item, bytes) = match input {
+            Input::ClientWrite {
+                req,
+                offset,
+                data,
+                fua,
+            } => {
+                let n = data.len() as u64;
+                (
+                    req,
+                    Some((
+                        offset,
+                        n,
+                        DiskKind::Write {
+                            offset,
+                            data: data.clone(),
+                            fua,
+                        },
+                    )),
+                    ItemKind::Write { offset, data, fua },
+                    n,
+                )
+            }
+            Input::ClientWriteZeroes {
+                req,
+                offset,
+                len,
+                fua,
+            } => (
+                req,
+                Some((offset, len, DiskKind::WriteZeroes { offset, len, fua })),
+                ItemKind::WriteZeroes { offset, len, fua },
+                0,
+            ),
+            Input::ClientTrim { req, offset, len } => (
+                req,
+                Some((offset, len, DiskKind::Trim { offset, len })),
+                ItemKind::Trim { offset, len },
+                0,
+            ),
+            Input::ClientFlush { req } => (req, None, ItemKind::Flush, 0),
+            _ => unreachable!("submit takes client modifications only"),
+        };
+        self.pending.insert(
+            req,
+            PendingClient {
+                seq,
+                local_done: false,
+                error: None,
+                bytes,
+            },
+        );
+        let dep = if matches!(item, ItemKind::Flush) {
+            seq - 1
+        } else {
+            dep
+        };
+        self.enqueue(StreamItem {
+            seq,
+            dep,
+            resync: false,
+            kind: item,
+        });
+        match local {
+            None => {
+                self.issue(Purpose::ClientFlush { req }, DiskKind::Flush);
+            }
+            Some((_, 0, _)) => {
+                // Zero-length write: nothing to do locally.
+                self.local_write_done(req, None, Ok(None));
+            }
+            Some((start, len, kind)) => {
+                let end = start + len;
+                if self.local_inflight.overlaps(start, end)
+                    || self
+                        .blocked
+                        .iter()
+                        .any(|b| overlap(b.start, b.end, start, end))
+                {
+                    self.blocked.push_back(Blocked {
+                        req,
+                        start,
+                        end,
+                        kind,
+                    });
+                } else {
+                    self.issue_local(req, start, end, kind);
+                }
+            }
+        }
+    }
+
+    fn issue_local(&mut self, req: ReqId, start: u64, end: u64, kind: DiskKind) {
+        self.local_inflight.insert(start, end, req);
+        self.issue(Purpose::ClientWrite { req, start }, kind);
+    }
+
+    /// Put an item into the ship queue (and on the wire when streaming).
+    fn enqueue(&mut self, item: StreamItem) {
+        if self.peer_needs_full_sync && self.resync.is_none() {
+            // A full sync will cover this item; nothing to keep.
+            return;
+        }
+        let len = item.payload_len();
+        if !self.streaming && self.queue_bytes + len > self.cfg.queue_limit {
+            self.event(
+                "overflow",
+                format!(
+                    "ship queue full ({} bytes) while the peer is away: the peer will need a \
+                     full sync",
+                    self.queue_bytes
+                ),
+            );
+            self.queue.clear();
+            self.queue_bytes = 0;
+            self.resync = None;
+            self.peer_needs_full_sync = true;
+            self.persist_meta();
+            return;
+        }
+        let sent = self.streaming;
+        if sent {
+            self.send(Msg::Item(item.clone()));
+        }
+        self.queue_bytes += len;
+        self.queue.push_back(Queued {
+            item,
+            sent,
+            at_ns: self.now,
+        });
+    }
+
+    pub(crate) fn local_write_done(
+        &mut self,
+        req: ReqId,
+        start: Option<u64>,
+        result: Result<Option<Bytes>, IoError>,
+    ) {
+        if let Some(s) = start {
+            self.local_inflight.remove(s);
+        }
+        if let Some(p) = self.pending.get_mut(&req) {
+            p.local_done = true;
+            if let Err(e) = result {
+                p.error = Some(e);
+            }
+        }
+        if let Err(e) = result {
+            self.event(
+                "failure",
+                format!("local write failed ({e}); the client gets an error"),
+            );
+        }
+        self.try_complete(req);
+        self.unblock();
+    }
+
+    pub(crate) fn local_flush_done(&mut self, req: ReqId, result: Result<Option<Bytes>, IoError>) {
+        self.local_write_done(req, None, result);
+    }
+
+    /// Complete a client write/flush when its local leg is done and, in sync mode with a
+    /// streaming peer, the peer has applied it.
+    pub(crate) fn try_complete(&mut self, req: ReqId) {
+        let Some(p) = self.pending.get(&req) else {
+            return;
+        };
+        if !p.local_done {
+            return;
+        }
+        let seq = p.seq;
+        if p.error.is_none() && self.needs_peer(seq) {
+            self.wait_peer.insert(seq, req);
+            return;
+        }
+        let p = self.pending.remove(&req).expect("pending");
+        self.wait_peer.remove(&seq);
+        match p.error {
+            Some(e) => self.emit(Output::Complete {
+                req,
+                result: Err(e),
+            }),
+            None => {
+                self.completed_max = self.completed_max.max(seq);
+                self.client_writes += 1;
+                self.bytes_written += p.bytes;
+                self.emit(Output::Complete {
+                    req,
+                    result: Ok(None),
+                });
+            }
+        }
+    }
+
+    fn needs_peer(&self, seq: Seq) -> bool {
+        self.cfg.mode == Mode::Sync
+            && self.streaming
+            && seq > self.stream_base
+            && self.peer_applied < seq
+    }
+
+    /// Complete everything waiting for the peer that no longer has to (ack or disconnect).
+    pub(crate) fn release_waiters(&mut self) {
+        let ready: Vec<ReqId> = if self.streaming {
+            self.wait_peer
+                .range(..=self.peer_applied)
+                .map(|(_, r)| *r)
+                .collect()
+        } else {
+            self.wait_peer.values().copied().collect()
+        };
+        for req in ready {
+            self.try_complete(req);
+        }
+    }
+
+    /// Issue blocked writes that no longer overlap anything earlier.
+    fn unblock(&mut self) {
+        let mut i = 0;
+        while i < self.blocked.len() {
+            let b = &self.blocked[i];
+            let (start, end) = (b.start, b.end);
+            let clear = !self.local_inflight.overlaps(start, end)
+                && !self
+                    .blocked
+                    .iter()
+                    .take(i)
+                    .any(|e| overlap(e.start, e.end, start, end));
+            if clear {
+                let b = self.blocked.remove(i).expect("index");
+                self.issue_local(b.req, b.start, b.end, b.kind);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Primary housekeeping after every input: admit stalled writes, drive the full sync.
+    pub(crate) fn pump_primary(&mut self) {
+        if self.role != Role::Primary {
+            return;
+        }
+        while !self.stalled.is_empty() && !self.queue_full() {
+            let i = self.stalled.pop_front().expect("non-empty");
+            self.submit(i);
+        }
+        self.pump_resync();
+    }
+
+    fn pump_resync(&mut self) {
+        if !self.streaming || self.shutting_down.is_some() {
+            return;
+        }
+        let size = self.cfg.volume_size;
+        let chunk = self.cfg.resync_chunk;
+        loop {
+            let Some(r) = self.resync.as_ref() else {
+                return;
+            };
+            if r.cursor >= size {
+                break;
+            }
+            if r.reads_in_flight >= self.cfg.resync_depth || self.queue_full() {
+                return;
+            }
+            let start = r.cursor;
+            let len = chunk.min(size - start);
+            let end = start + len;
+            if self.local_inflight.overlaps(start, end)
+                || self
+                    .blocked
+                    .iter()
+                    .any(|b| overlap(b.start, b.end, start, end))
+            {
+                return; // retried after the overlapping client write completes
+            }
+            self.local_inflight.insert(start, end, u64::MAX);
+            let r = self.resync.as_mut().expect("resync");
+            r.cursor = end;
+            r.reads_in_flight += 1;
+            self.issue(
+                Purpose::ResyncRead { start, len },
+                DiskKind::Read { offset: start, len },
+            );
+        }
+        let last_seq = self.last_seq;
+        let r = self.resync.as_mut().expect("resync");
+        if r.reads_in_flight == 0 {
+            let seq = *r.done_seq.get_or_insert(last_seq);
+            if !r.done_sent {
+                r.done_sent = true;
+                self.send(Msg::ResyncDone { seq });
+            }
+        }
+    }
+
+    pub(crate) fn resync_read_done(
+        &mut self,
+        start: u64,
+        len: u64,
+        result: Result<Option<Bytes>, IoError>,
+    ) {
+        self.local_inflight.remove(start);
+        let Some(r) = self.resync.as_mut() else {
+            self.unblock();
+            return; // the full sync was abandoned meanwhile
+        };
+        r.reads_in_flight -= 1;
+        match result {
+            Ok(Some(data)) => {
+                let kind = if data.iter().all(|&b| b == 0) {
+                    ItemKind::WriteZeroes {
+                        offset: start,
+                        len,
+                        fua: false,
+                    }
+                } else {
+                    ItemKind::Write {
+                        offset: start,
+                        data,
+                        fua: false,
+                    }
+                };
+                self.last_seq += 1;
+                let seq = self.last_seq;
+                self.enqueue(StreamItem {
+                    seq,
+                    dep: 0,
+                    resync: true,
+                    kind,
+                });
+            }
+            Ok(None) | Err(_) => {
+                self.event(
+                    "failure",
+                    format!("full sync: reading {len} bytes at {start} failed; sync abandoned"),
+                );
+                self.resync = None;
+            }
+        }
+        self.unblock();
+    }
+
+    /// Begin or resume shipping to a secondary peer whose `Hello` we hold.
+    pub(crate) fn start_streaming(&mut self) {
+        if self.streaming || self.role != Role::Primary {
+            return;
+        }
+        let Some(peer) = self.peer.clone() else {
+            return;
+        };
+        if peer.role != Role::Secondary || self.conn_state == ConnState::Refused {
+            return;
+        }
+        let peer_fresh = peer.generation == 0;
+        if !peer_fresh && peer.generation != self.meta.generation && !peer.needs_full_sync {
+            self.refuse(format!(
+                "generation mismatch: peer {} holds data of generation {:016x}, this node \
+                 {:016x}; the histories diverged (resolve by hand)",
+                peer.node, peer.generation, self.meta.generation
+            ));
+            return;
+        }
+        let full = peer.needs_full_sync
+            || self.peer_needs_full_sync
+            || peer.generation != self.meta.generation;
+        if !full && peer.applied_seq > self.last_seq {
+            self.refuse(format!(
+                "peer {} has applied sequence {} beyond this primary's {}: it holds writes this \
+                 node never made",
+                peer.node, peer.applied_seq, self.last_seq
+            ));
+            return;
+        }
+        let from = peer.applied_seq;
+        let covered = from >= self.stream_base
+            && from <= self.last_seq
+            && self.queue.front().is_none_or(|q| q.item.seq <= from + 1)
+            && (self.queue.back().map_or(from, |q| q.item.seq) == self.last_seq
+                || from == self.last_seq);
+        self.streaming = true;
+        self.peer_applied = from;
+        if full && !(covered && self.resync.is_some()) {
+            self.begin_full_sync();
+            return;
+        }
+        if !covered {
+            self.begin_full_sync();
+            return;
+        }
+        // Resume: resend whatever the peer has not applied.
+        let mut resend = Vec::new();
+        for q in self.queue.iter_mut() {
+            if q.item.seq > from {
+                q.sent = true;
+                resend.push(q.item.clone());
+            } else {
+                q.sent = false;
+            }
+        }
+        let n = resend.len();
+        for item in resend {
+            self.send(Msg::Item(item));
+        }
+        if let Some(r) = self.resync.as_mut() {
+            r.done_sent = false;
+            self.conn_state = ConnState::SyncSource;
+        }
+        self.event(
+            "stream",
+            format!(
+                "shipping to {} resumed at sequence {} ({n} items resent)",
+                peer.node,
+                from + 1
+            ),
+        );
+        self.release_waiters();
+    }
+
+    fn begin_full_sync(&mut self) {
+        let base = self.last_seq;
+        self.queue.clear();
+        self.queue_bytes = 0;
+        self.stream_base = base;
+        self.peer_applied = base;
+        self.resync = Some(Resync {
+            cursor: 0,
+            reads_in_flight: 0,
+            total: self.cfg.volume_size,
+            started_ns: self.now,
+            done_seq: None,
+            done_sent: false,
+        });
+        self.resync_bytes_done = 0;
+        self.peer_needs_full_sync = true;
+        self.conn_state = ConnState::SyncSource;
+        self.send(Msg::ResyncStart {
+            total_bytes: self.cfg.volume_size,
+            base_seq: base,
+        });
+        self.persist_meta();
+        self.event(
+            "resync",
+            format!(
+                "full sync to the peer started ({} bytes, stream continues after sequence {base})",
+                self.cfg.volume_size
+            ),
+        );
+        self.release_waiters();
+    }
+
+    /// The peer acknowledged: complete sync-mode writes, release the queue.
+    pub(crate) fn on_ack(&mut self, applied: Seq, durable: Seq) {
+        if self.role != Role::Primary && self.queue.is_empty() {
+            return;
+        }
+        if applied > self.peer_applied {
+            let lo = self.peer_applied;
+            let first = self.queue.partition_point(|q| q.item.seq <= lo);
+            let done: u64 = self
+                .queue
+                .range(first..)
+                .take_while(|q| q.item.seq <= applied)
+                .filter(|q| q.item.resync)
+                .map(|q| q.item.range().map_or(0, |(s, e)| e - s))
+                .sum();
+            self.resync_bytes_done += done;
+            self.peer_applied = applied;
+        }
+        if durable > self.peer_durable {
+            self.peer_durable = durable;
+        }
+        while let Some(q) = self.queue.front() {
+            if q.item.seq > self.peer_durable.min(self.peer_applied) {
+                break;
+            }
+            self.queue_bytes -= q.item.payload_len();
+            self.queue.pop_front();
+        }
+        self.release_waiters();
+        let confirmed = self
+            .resync
+            .as_ref()
+            .and_then(|r| r.done_seq)
+            .is_some_and(|s| r_done(s, self.peer_applied));
+        if confirmed {
+            let total = self.resync.as_ref().map_or(0, |r| r.total);
+            self.resync = None;
+            self.peer_needs_full_sync = false;
+            self.conn_state = ConnState::Connected;
+            self.persist_meta();
+            self.event("resync", format!("full sync complete ({total} bytes)"));
+        }
+    }
+}
+
+fn r_done(done_seq: Seq, peer_applied: Seq) -> bool {
+    peer_applied >= done_seq
+}

@@ -1,0 +1,255 @@
+//! The secondary's side: the ordered applier, checkpoints and acknowledgements.
+//!
+//! Items are issued strictly in stream order from the front of the pending queue. An item
+//! waits while it overlaps an item still being applied, and while an item it depends on
+//! (`dep`) has not completed; non-overlapping independent items are applied concurrently.
+//! So a later write never lands before an earlier overlapping one, and a write that the
+//! primary's client issued after seeing another complete never lands before that one.
+
+use crate::msg::{ItemKind, Msg, StreamItem};
+use crate::types::*;
+use crate::volume::*;
+use bytes::Bytes;
+
+impl Volume {
+    /// A stream item arrived.
+    pub(crate) fn on_item(&mut self, item: StreamItem) {
+        if self.role == Role::Primary {
+            self.protocol_error(format!(
+                "peer sent stream item {} while this node is primary",
+                item.seq
+            ));
+            return;
+        }
+        if item.seq <= self.last_received {
+            return; // a resend of something already here
+        }
+        if item.seq != self.last_received + 1 {
+            self.protocol_error(format!(
+                "stream gap: expected sequence {}, got {}",
+                self.last_received + 1,
+                item.seq
+            ));
+            return;
+        }
+        self.last_received = item.seq;
+        self.applier.pending.push_back(item);
+    }
+
+    /// Issue every pending item that may start now.
+    pub(crate) fn pump_applier(&mut self) {
+        while let Some(front) = self.applier.pending.front() {
+            if front.seq <= self.applied {
+                self.applier.pending.pop_front();
+                continue;
+            }
+            if front.dep > self.applied {
+                break;
+            }
+            let range = front.range();
+            if let Some((s, e)) = range {
+                if self.applier.inflight.overlaps(s, e) {
+                    break;
+                }
+            } else if self.applier.issued > 0 {
+                break; // a flush waits for everything before it
+            }
+            let item = self.applier.pending.pop_front().expect("front");
+            let seq = item.seq;
+            let kind = match item.kind {
+                ItemKind::Write { offset, data, fua } => DiskKind::Write { offset, data, fua },
+                ItemKind::WriteZeroes { offset, len, fua } => {
+                    DiskKind::WriteZeroes { offset, len, fua }
+                }
+                ItemKind::Trim { offset, len } => DiskKind::Trim { offset, len },
+                ItemKind::Flush => DiskKind::Flush,
+            };
+            if let Some((s, e)) = range {
+                self.applier.inflight.insert(s, e, seq);
+            }
+            self.applier.issued += 1;
+            self.issue(
+                Purpose::Apply {
+                    seq,
+                    start: range.map(|r| r.0),
+                    bytes: range.map_or(0, |(s, e)| e - s),
+                },
+                kind,
+            );
+        }
+        self.maybe_checkpoint();
+    }
+
+    pub(crate) fn apply_done(
+        &mut self,
+        seq: Seq,
+        start: Option<u64>,
+        bytes: u64,
+        result: Result<Option<Bytes>, IoError>,
+    ) {
+        self.applier.issued -= 1;
+        if let Some(s) = start {
+            self.applier.inflight.remove(s);
+        }
+        if let Err(e) = result {
+            // Fail-stop: this image can no longer be trusted as a prefix of the stream.
+            self.disk_state = DiskState::Inconsistent;
+            self.persist_meta();
+            self.protocol_error(format!(
+                "applying sequence {seq} failed on the backing ({e}); the replica is now \
+                 Inconsistent and needs a full sync"
+            ));
+            return;
+        }
+        if seq <= self.applied {
+            return; // superseded by a full sync that started meanwhile
+        }
+        if start.is_none() {
+            // A flush item: everything before it is durable now.
+            self.flushed = self.flushed.max(seq - 1);
+        }
+        self.applier.unpersisted_bytes += bytes;
+        self.applier.done_above.insert(seq, ());
+        while self
+            .applier
+            .done_above
+            .remove(&(self.applied + 1))
+            .is_some()
+        {
+            self.applied += 1;
+        }
+        if start.is_none() && self.applied >= seq {
+            self.flushed = self.flushed.max(seq);
+            self.persist_meta();
+        }
+        self.check_resync_target_done();
+    }
+
+    fn check_resync_target_done(&mut self) {
+        if let Some(done) = self.applier.resync_done_seq {
+            if self.applied >= done && !self.applier.checkpointing {
+                self.checkpoint();
+            }
+        }
+    }
+
+    /// Fsync, then record the watermark in the metadata.
+    pub(crate) fn checkpoint(&mut self) {
+        if self.applier.checkpointing {
+            return;
+        }
+        let upto = match self.role {
+            Role::Primary => self.last_seq,
+            Role::Secondary => self.applied,
+        };
+        self.applier.checkpointing = true;
+        self.applier.unpersisted_bytes = 0;
+        self.applier.last_checkpoint_ns = self.now;
+        self.issue(Purpose::Checkpoint { upto }, DiskKind::Flush);
+    }
+
+    pub(crate) fn checkpoint_flush_done(
+        &mut self,
+        upto: Seq,
+        result: Result<Option<Bytes>, IoError>,
+    ) {
+        self.applier.checkpointing = false;
+        if let Err(e) = result {
+            self.event("failure", format!("fsync of the backing failed ({e})"));
+            self.disk_state = DiskState::Inconsistent;
+            self.persist_meta();
+            return;
+        }
+        if self.role == Role::Secondary {
+            self.flushed = self.flushed.max(upto);
+            if let Some(done) = self.applier.resync_done_seq {
+                if upto >= done {
+                    self.applier.resync_done_seq = None;
+                    self.disk_state = DiskState::UpToDate;
+                    if let Some(p) = &self.peer {
+                        self.meta.generation = p.generation;
+                    }
+                    if self.conn_state == ConnState::SyncTarget {
+                        self.conn_state = ConnState::Connected;
+                    }
+                    self.event(
+                        "resync",
+                        "full sync received: this replica is UpToDate".into(),
+                    );
+                    self.send(Msg::Hello(self.hello()));
+                }
+            }
+        }
+        self.persist_meta();
+    }
+
+    pub(crate) fn meta_written(&mut self, applied: Seq) {
+        if self.role == Role::Secondary {
+            self.durable = self.durable.max(applied);
+        }
+        if self.final_checkpoint_issued && !self.applier.checkpointing && !self.meta_dirty {
+            self.final_checkpoint_done = true;
+        }
+    }
+
+    fn maybe_checkpoint(&mut self) {
+        if self.role == Role::Secondary
+            && !self.applier.checkpointing
+            && self.applied > self.flushed
+            && (self.applier.unpersisted_bytes >= self.cfg.checkpoint_bytes
+                || self.now.saturating_sub(self.applier.last_checkpoint_ns)
+                    >= self.cfg.checkpoint_interval_ns)
+        {
+            self.checkpoint();
+        }
+    }
+
+    pub(crate) fn secondary_tick(&mut self) {
+        self.maybe_checkpoint();
+    }
+
+    /// Tell the primary how far we got, once per input at most.
+    pub(crate) fn send_ack_if_moved(&mut self) {
+        if self.role != Role::Secondary || self.conn.is_none() {
+            return;
+        }
+        let now = (self.applied, self.durable);
+        if now != self.last_ack {
+            self.last_ack = now;
+            self.send(Msg::Ack {
+                applied: now.0,
+                durable: now.1,
+            });
+        }
+    }
+
+    /// The primary starts a full sync: everything up to `base` is covered by it.
+    pub(crate) fn on_resync_start(&mut self, total: u64, base: Seq) {
+        if self.role == Role::Primary {
+            self.protocol_error("peer started a full sync towards this primary".into());
+            return;
+        }
+        self.applier.pending.clear();
+        self.applier.done_above.clear();
+        self.applier.resync_done_seq = None;
+        self.applied = base;
+        self.last_received = base;
+        self.flushed = base;
+        self.durable = base;
+        self.disk_state = DiskState::Inconsistent;
+        self.conn_state = ConnState::SyncTarget;
+        self.persist_meta();
+        self.event(
+            "resync",
+            format!("full sync from the peer started ({total} bytes); this replica is Inconsistent until it ends"),
+        );
+    }
+
+    pub(crate) fn on_resync_done(&mut self, seq: Seq) {
+        if self.role == Role::Primary {
+            return;
+        }
+        self.applier.resync_done_seq = Some(seq);
+        self.check_resync_target_done();
+    }
+}

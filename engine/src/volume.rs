@@ -1,0 +1,865 @@
+//! The volume state machine: inputs, outputs and the dispatch between the roles.
+//!
+//! `Volume::handle` is the only entry point. It never blocks, never reads a clock and never
+//! draws a random number: time arrives as [`Input::Tick`], randomness inside the inputs that
+//! need it. Whatever the engine wants done comes out as [`Output`]s, in order.
+//!
+//! The primary side (client writes, the ship queue, full sync) lives in `primary.rs`, the
+//! secondary side (the ordered applier and its checkpoints) in `secondary.rs`, and the
+//! connection handshake in `handshake.rs`; they are all `impl Volume` blocks over the state
+//! declared here.
+
+use crate::meta::{Metadata, FLAG_CLEAN, FLAG_PEER_NEEDS_FULL_SYNC};
+use crate::msg::{Hello, Msg, StreamItem, ENGINE_PROTOCOL_VERSION};
+use crate::ranges::RangeSet;
+use crate::status::{EngineStatus, ResyncStatus};
+use crate::types::*;
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Static parameters of a volume.
+#[derive(Clone, Debug)]
+pub struct VolumeConfig {
+    /// This node's name.
+    pub node: String,
+    /// Resource name.
+    pub resource: String,
+    /// Volume size in bytes.
+    pub volume_size: u64,
+    /// Replication mode.
+    pub mode: Mode,
+    /// Bound of the in-memory ship queue, bytes of payload.
+    pub queue_limit: u64,
+    /// Alignment of client requests (the backing is opened with O_DIRECT).
+    pub sector: u64,
+    /// Size of one full-sync read.
+    pub resync_chunk: u64,
+    /// Full-sync reads in flight at once.
+    pub resync_depth: usize,
+    /// The secondary checkpoints (fsync + metadata) after this many unpersisted bytes...
+    pub checkpoint_bytes: u64,
+    /// ...or after this long, nanoseconds.
+    pub checkpoint_interval_ns: u64,
+    /// Send a ping when nothing was sent for this long, nanoseconds.
+    pub ping_interval_ns: u64,
+    /// Close the connection when nothing was received for this long, nanoseconds.
+    pub peer_timeout_ns: u64,
+    /// On shutdown, a primary waits this long for the peer to acknowledge its queue.
+    pub shutdown_drain_ns: u64,
+}
+
+impl VolumeConfig {
+    /// Defaults for everything but identity, size and mode.
+    pub fn new(node: &str, resource: &str, volume_size: u64, mode: Mode) -> Self {
+        VolumeConfig {
+            node: node.into(),
+            resource: resource.into(),
+            volume_size,
+            mode,
+            queue_limit: 64 << 20,
+            sector: 512,
+            resync_chunk: 256 << 10,
+            resync_depth: 8,
+            checkpoint_bytes: 8 << 20,
+            checkpoint_interval_ns: 1_000_000_000,
+            ping_interval_ns: 1_000_000_000,
+            peer_timeout_ns: 6_000_000_000,
+            shutdown_drain_ns: 5_000_000_000,
+        }
+    }
+}
+
+/// An operation on local storage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiskKind {
+    /// Read `len` bytes at `offset`; the completion carries the data.
+    Read { offset: u64, len: u64 },
+    /// Write `data` at `offset`, durable on completion when `fua`.
+    Write { offset: u64, data: Bytes, fua: bool },
+    /// Zero `len` bytes at `offset`.
+    WriteZeroes { offset: u64, len: u64, fua: bool },
+    /// Discard `len` bytes at `offset`; the range must read back as zeroes.
+    Trim { offset: u64, len: u64 },
+    /// Make every completed write durable.
+    Flush,
+    /// Write the metadata durably (the driver alternates the slots).
+    WriteMeta(Metadata),
+}
+
+/// A disk operation for the driver to perform; answer with [`Input::DiskDone`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskOp {
+    /// Identifies the completion.
+    pub op: OpId,
+    /// What to do.
+    pub kind: DiskKind,
+}
+
+/// An operator command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminCmd {
+    /// Become primary. `new_generation` is a random id the driver draws, used when the
+    /// promotion starts a new data generation.
+    Promote { force: bool, new_generation: u64 },
+    /// Become secondary.
+    Demote,
+    /// Stop: finish in-flight work, persist a clean state, then emit [`Output::Stopped`].
+    Shutdown,
+}
+
+/// Why an operator command was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminError {
+    /// Stable machine-readable code (`peer_not_connected`, `busy`, `peer_is_primary`, ...).
+    pub code: &'static str,
+    /// What happened and what to do, for a person.
+    pub message: String,
+}
+
+/// Something the driver hands to the engine.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// A client read.
+    ClientRead { req: ReqId, offset: u64, len: u64 },
+    /// A client write.
+    ClientWrite {
+        req: ReqId,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    /// A client write-zeroes.
+    ClientWriteZeroes {
+        req: ReqId,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    /// A client discard.
+    ClientTrim { req: ReqId, offset: u64, len: u64 },
+    /// A client flush.
+    ClientFlush { req: ReqId },
+    /// A disk operation finished (reads carry their data).
+    DiskDone {
+        op: OpId,
+        result: Result<Option<Bytes>, IoError>,
+    },
+    /// A transport connection to the peer is established (link handshake done).
+    PeerConnected { conn: ConnId },
+    /// A message arrived on a connection.
+    PeerMsg { conn: ConnId, msg: Msg },
+    /// A connection closed (by the peer, an error, or after [`Output::Close`]).
+    PeerClosed { conn: ConnId },
+    /// The clock, nanoseconds since an arbitrary origin; monotonic.
+    Tick { now_ns: u64 },
+    /// An operator command; answered by [`Output::AdminDone`] with the same token.
+    Admin { token: u64, cmd: AdminCmd },
+}
+
+/// A record for the event log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Short machine-readable kind (`role`, `connect`, `disconnect`, `refused`, `resync`...).
+    pub kind: &'static str,
+    /// What happened, for a person.
+    pub message: String,
+}
+
+/// Something the engine wants done.
+#[derive(Clone, Debug)]
+pub enum Output {
+    /// Perform a disk operation.
+    Disk(DiskOp),
+    /// Send a message on a connection.
+    Send { conn: ConnId, msg: Msg },
+    /// Close a connection (the driver answers with [`Input::PeerClosed`]).
+    Close { conn: ConnId, reason: String },
+    /// Complete a client request.
+    Complete {
+        req: ReqId,
+        result: Result<Option<Bytes>, IoError>,
+    },
+    /// Answer an operator command.
+    AdminDone {
+        token: u64,
+        result: Result<String, AdminError>,
+    },
+    /// Record an event.
+    Event(Event),
+    /// The volume has stopped after [`AdminCmd::Shutdown`]; the driver may exit.
+    Stopped,
+}
+
+/// Why a disk operation was issued.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Purpose {
+    ClientRead {
+        req: ReqId,
+    },
+    /// A local write/zeroes/trim of a client request, holding `[start, end)` in flight.
+    ClientWrite {
+        req: ReqId,
+        start: u64,
+    },
+    ClientFlush {
+        req: ReqId,
+    },
+    ResyncRead {
+        start: u64,
+        len: u64,
+    },
+    /// Secondary: applying stream item `seq` (range start if it has one).
+    Apply {
+        seq: Seq,
+        start: Option<u64>,
+        bytes: u64,
+    },
+    /// An fsync taken so that everything `<= upto` is durable.
+    Checkpoint {
+        upto: Seq,
+    },
+    Meta {
+        applied: Seq,
+    },
+}
+
+/// A client write or flush waiting for its completion conditions.
+#[derive(Debug)]
+pub(crate) struct PendingClient {
+    pub seq: Seq,
+    pub local_done: bool,
+    pub error: Option<IoError>,
+    pub bytes: u64,
+}
+
+/// A client write that overlaps an earlier one still in flight.
+#[derive(Debug)]
+pub(crate) struct Blocked {
+    pub req: ReqId,
+    pub start: u64,
+    pub end: u64,
+    pub kind: DiskKind,
+}
+
+/// A stream item kept until the peer has it durable.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub item: StreamItem,
+    pub sent: bool,
+    pub at_ns: u64,
+}
+
+/// State of a full sync run by the primary.
+#[derive(Debug, Default)]
+pub(crate) struct Resync {
+    pub cursor: u64,
+    pub reads_in_flight: usize,
+    pub total: u64,
+    pub started_ns: u64,
+    /// Sequence of the last resync item, once every chunk has been read.
+    pub done_seq: Option<Seq>,
+    /// True once ResyncDone was sent on the current connection.
+    pub done_sent: bool,
+}
+
+/// What the secondary's applier is doing.
+#[derive(Debug, Default)]
+pub(crate) struct Applier {
+    /// Received items not yet issued, in stream order.
+    pub pending: VecDeque<StreamItem>,
+    /// Byte ranges of issued items.
+    pub inflight: RangeSet,
+    /// Items issued and not completed.
+    pub issued: usize,
+    /// Completed items above the contiguous `applied` watermark.
+    pub done_above: BTreeMap<Seq, ()>,
+    /// Bytes applied since the last checkpoint.
+    pub unpersisted_bytes: u64,
+    /// Time of the last checkpoint.
+    pub last_checkpoint_ns: u64,
+    /// A checkpoint fsync or metadata write is in flight.
+    pub checkpointing: bool,
+    /// Once `applied` reaches this, a full sync is complete.
+    pub resync_done_seq: Option<Seq>,
+}
+
+/// The replication engine of one node for one volume.
+pub struct Volume {
+    pub(crate) cfg: VolumeConfig,
+    pub(crate) meta: Metadata,
+    pub(crate) role: Role,
+    pub(crate) disk_state: DiskState,
+    pub(crate) now: u64,
+    pub(crate) next_op: OpId,
+    pub(crate) ops: HashMap<OpId, Purpose>,
+    pub(crate) out: Vec<Output>,
+
+    // ---- connection ----
+    pub(crate) conn: Option<ConnId>,
+    pub(crate) conn_state: ConnState,
+    pub(crate) peer: Option<Hello>,
+    pub(crate) refused_reason: Option<String>,
+    pub(crate) connects: u64,
+    pub(crate) last_recv_ns: u64,
+    pub(crate) last_send_ns: u64,
+    pub(crate) ping_nonce: u64,
+
+    // ---- primary ----
+    /// Last sequence issued (primary) — also the node's position in the stream.
+    pub(crate) last_seq: Seq,
+    /// Highest sequence completed to a client (for `dep`).
+    pub(crate) completed_max: Seq,
+    /// Items `<= stream_base` are covered by a full sync and need no ack.
+    pub(crate) stream_base: Seq,
+    pub(crate) pending: HashMap<ReqId, PendingClient>,
+    pub(crate) wait_peer: BTreeMap<Seq, ReqId>,
+    pub(crate) local_inflight: RangeSet,
+    pub(crate) blocked: VecDeque<Blocked>,
+    pub(crate) stalled: VecDeque<Input>,
+    pub(crate) queue: VecDeque<Queued>,
+    pub(crate) queue_bytes: u64,
+    pub(crate) streaming: bool,
+    pub(crate) peer_applied: Seq,
+    pub(crate) peer_durable: Seq,
+    pub(crate) peer_needs_full_sync: bool,
+    pub(crate) resync: Option<Resync>,
+    pub(crate) resync_bytes_done: u64,
+    /// This node crashed while primary: its data may hold writes its peer never saw.
+    pub(crate) crashed_primary: bool,
+
+    // ---- secondary ----
+    pub(crate) applier: Applier,
+    /// Contiguous applied watermark (secondary) — items `<= applied` are on the backing.
+    pub(crate) applied: Seq,
+    /// Watermark made durable by an fsync (items `<= flushed` survive a power loss).
+    pub(crate) flushed: Seq,
+    /// Watermark recorded in the metadata (what a restart resumes from).
+    pub(crate) durable: Seq,
+    /// Last acknowledgement sent: (applied, durable).
+    pub(crate) last_ack: (Seq, Seq),
+    /// Highest stream sequence received (secondary).
+    pub(crate) last_received: Seq,
+
+    // ---- metadata writes (serialised: the driver alternates slots) ----
+    pub(crate) meta_in_flight: bool,
+    pub(crate) meta_dirty: bool,
+
+    // ---- shutdown ----
+    pub(crate) shutting_down: Option<u64>,
+    pub(crate) final_checkpoint_issued: bool,
+    pub(crate) final_checkpoint_done: bool,
+    pub(crate) stopped: bool,
+
+    // ---- counters ----
+    pub(crate) client_writes: u64,
+    pub(crate) client_reads: u64,
+    pub(crate) bytes_written: u64,
+    pub(crate) bytes_read: u64,
+    pub(crate) flushes: u64,
+}
+
+impl Volume {
+    /// A volume starting from its persisted metadata. It always starts as Secondary; an
+    /// operator (or a later auto-promote policy) promotes it.
+    pub fn new(cfg: VolumeConfig, meta: Metadata) -> Volume {
+        let crashed_primary = meta.role == Role::Primary && !meta.has(FLAG_CLEAN);
+        let mut disk_state = meta.disk_state;
+        if crashed_primary && disk_state == DiskState::UpToDate {
+            // Its image is crash-consistent but may hold writes the peer never received.
+            disk_state = DiskState::Consistent;
+        }
+        let peer_needs_full_sync = meta.has(FLAG_PEER_NEEDS_FULL_SYNC) || crashed_primary;
+        let applied = meta.applied_seq;
+        Volume {
+            cfg,
+            role: Role::Secondary,
+            disk_state,
+            now: 0,
+            next_op: 1,
+            ops: HashMap::new(),
+            out: Vec::new(),
+            conn: None,
+            conn_state: ConnState::Disconnected,
+            peer: None,
+            refused_reason: None,
+            connects: 0,
+            last_recv_ns: 0,
+            last_send_ns: 0,
+            ping_nonce: 0,
+            last_seq: applied,
+            completed_max: applied,
+            stream_base: applied,
+            pending: HashMap::new(),
+            wait_peer: BTreeMap::new(),
+            local_inflight: RangeSet::default(),
+            blocked: VecDeque::new(),
+            stalled: VecDeque::new(),
+            queue: VecDeque::new(),
+            queue_bytes: 0,
+            streaming: false,
+            peer_applied: 0,
+            peer_durable: 0,
+            peer_needs_full_sync,
+            resync: None,
+            resync_bytes_done: 0,
+            crashed_primary,
+            applier: Applier::default(),
+            applied,
+            flushed: applied,
+            durable: applied,
+            last_ack: (applied, applied),
+            last_received: applied,
+            meta_in_flight: false,
+            meta_dirty: false,
+            shutting_down: None,
+            final_checkpoint_issued: false,
+            final_checkpoint_done: false,
+            stopped: false,
+            client_writes: 0,
+            client_reads: 0,
+            bytes_written: 0,
+            bytes_read: 0,
+            flushes: 0,
+            meta,
+        }
+    }
+
+    /// Feed one input; the resulting outputs are appended to `out`.
+    pub fn handle(&mut self, input: Input, out: &mut Vec<Output>) {
+        match input {
+            Input::ClientRead { req, offset, len } => self.client_read(req, offset, len),
+            i @ (Input::ClientWrite { .. }
+            | Input::ClientWriteZeroes { .. }
+            | Input::ClientTrim { .. }
+            | Input::ClientFlush { .. }) => self.client_modify(i),
+            Input::DiskDone { op, result } => self.disk_done(op, result),
+            Input::PeerConnected { conn } => self.peer_connected(conn),
+            Input::PeerMsg { conn, msg } => self.peer_msg(conn, msg),
+            Input::PeerClosed { conn } => self.peer_closed(conn),
+            Input::Tick { now_ns } => self.tick(now_ns),
+            Input::Admin { token, cmd } => self.admin(token, cmd),
+        }
+        self.after_input();
+        out.append(&mut self.out);
+    }
+
+    /// This node's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// True once the volume stopped after a shutdown.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The volume size.
+    pub fn volume_size(&self) -> u64 {
+        self.cfg.volume_size
+    }
+
+    /// The metadata as last written (or about to be written).
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    /// A status snapshot.
+    pub fn status(&self) -> EngineStatus {
+        let (lag_items, lag_bytes, oldest) = self.lag();
+        let resync = self.resync.as_ref().map(|r| {
+            let secs = (self.now.saturating_sub(r.started_ns)) as f64 / 1e9;
+            ResyncStatus {
+                total_bytes: r.total,
+                done_bytes: self.resync_bytes_done.min(r.total),
+                rate_bytes_per_sec: if secs > 0.0 {
+                    self.resync_bytes_done as f64 / secs
+                } else {
+                    0.0
+                },
+            }
+        });
+        EngineStatus {
+            role: self.role,
+            mode: self.cfg.mode,
+            disk_state: self.disk_state,
+            generation: self.meta.generation,
+            conn: self.conn_state,
+            peer_role: self.peer.as_ref().map(|p| p.role),
+            peer_disk_state: self.peer.as_ref().map(|p| p.disk_state),
+            refused_reason: self.refused_reason.clone(),
+            connects: self.connects,
+            last_seq: self.last_seq,
+            acked_seq: self.peer_applied,
+            applied_seq: self.applied,
+            writes_in_flight: self.pending.len() as u64,
+            bytes_in_flight: self.pending.values().map(|p| p.bytes).sum(),
+            lag_items,
+            lag_bytes,
+            lag_seconds: oldest
+                .map(|t| self.now.saturating_sub(t) as f64 / 1e9)
+                .unwrap_or(0.0),
+            peer_needs_full_sync: self.peer_needs_full_sync,
+            resync,
+            client_writes: self.client_writes,
+            client_reads: self.client_reads,
+            bytes_written: self.bytes_written,
+            bytes_read: self.bytes_read,
+            flushes: self.flushes,
+        }
+    }
+
+    /// Items not yet applied by the peer: count, payload bytes, time of the oldest.
+    fn lag(&self) -> (u64, u64, Option<u64>) {
+        let mut n = 0;
+        let mut bytes = 0;
+        let mut oldest = None;
+        for q in self.queue.iter().filter(|q| q.item.seq > self.peer_applied) {
+            n += 1;
+            bytes += q.item.payload_len();
+            oldest.get_or_insert(q.at_ns);
+        }
+        (n, bytes, oldest)
+    }
+
+    // ------------------------------------------------------------------ helpers
+
+    pub(crate) fn emit(&mut self, o: Output) {
+        self.out.push(o);
+    }
+
+    pub(crate) fn event(&mut self, kind: &'static str, message: String) {
+        self.out.push(Output::Event(Event { kind, message }));
+    }
+
+    pub(crate) fn issue(&mut self, purpose: Purpose, kind: DiskKind) -> OpId {
+        let op = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(op, purpose);
+        self.out.push(Output::Disk(DiskOp { op, kind }));
+        op
+    }
+
+    pub(crate) fn send(&mut self, msg: Msg) {
+        if let Some(conn) = self.conn {
+            self.last_send_ns = self.now;
+            self.out.push(Output::Send { conn, msg });
+        }
+    }
+
+    pub(crate) fn hello(&self) -> Hello {
+        Hello {
+            version: ENGINE_PROTOCOL_VERSION,
+            node: self.cfg.node.clone(),
+            resource: self.cfg.resource.clone(),
+            volume_size: self.cfg.volume_size,
+            role: self.role,
+            disk_state: self.disk_state,
+            applied_seq: match self.role {
+                Role::Primary => self.last_seq,
+                Role::Secondary => self.applied,
+            },
+            generation: self.meta.generation,
+            needs_full_sync: self.needs_full_sync(),
+        }
+    }
+
+    /// True when this node, as a secondary, can only be brought up to date by a full sync.
+    pub(crate) fn needs_full_sync(&self) -> bool {
+        matches!(
+            self.disk_state,
+            DiskState::Inconsistent | DiskState::Outdated
+        ) || self.crashed_primary
+    }
+
+    /// Record the current state in the metadata and write it (serialised).
+    pub(crate) fn persist_meta(&mut self) {
+        self.meta.role = self.role;
+        self.meta.disk_state = self.disk_state;
+        self.meta.applied_seq = match self.role {
+            Role::Primary => self.last_seq,
+            Role::Secondary => self.flushed,
+        };
+        self.meta
+            .set(FLAG_PEER_NEEDS_FULL_SYNC, self.peer_needs_full_sync);
+        if self.meta_in_flight {
+            self.meta_dirty = true;
+            return;
+        }
+        self.meta.counter += 1;
+        self.meta_in_flight = true;
+        let applied = self.meta.applied_seq;
+        self.issue(
+            Purpose::Meta { applied },
+            DiskKind::WriteMeta(self.meta.clone()),
+        );
+    }
+
+    fn disk_done(&mut self, op: OpId, result: Result<Option<Bytes>, IoError>) {
+        let Some(purpose) = self.ops.remove(&op) else {
+            self.event("bug", format!("completion for unknown disk op {op}"));
+            return;
+        };
+        match purpose {
+            Purpose::ClientRead { req } => {
+                if result.is_ok() {
+                    self.client_reads += 1;
+                }
+                if let Ok(Some(b)) = &result {
+                    self.bytes_read += b.len() as u64;
+                }
+                self.emit(Output::Complete { req, result });
+            }
+            Purpose::ClientWrite { req, start } => self.local_write_done(req, Some(start), result),
+            Purpose::ClientFlush { req } => self.local_flush_done(req, result),
+            Purpose::ResyncRead { start, len } => self.resync_read_done(start, len, result),
+            Purpose::Apply { seq, start, bytes } => self.apply_done(seq, start, bytes, result),
+            Purpose::Checkpoint { upto } => self.checkpoint_flush_done(upto, result),
+            Purpose::Meta { applied } => {
+                self.meta_in_flight = false;
+                match result {
+                    Ok(_) => self.meta_written(applied),
+                    Err(e) => self.event(
+                        "failure",
+                        format!("metadata write failed ({e}); state is not persisted"),
+                    ),
+                }
+                if self.meta_dirty {
+                    self.meta_dirty = false;
+                    self.persist_meta();
+                }
+            }
+        }
+    }
+
+    fn tick(&mut self, now_ns: u64) {
+        self.now = self.now.max(now_ns);
+        if let Some(conn) = self.conn {
+            if self.now.saturating_sub(self.last_recv_ns) > self.cfg.peer_timeout_ns {
+                self.emit(Output::Close {
+                    conn,
+                    reason: "peer timed out (nothing received)".into(),
+                });
+                self.peer_closed(conn);
+            } else if self.now.saturating_sub(self.last_send_ns) > self.cfg.ping_interval_ns
+                && self.conn_state != ConnState::Connecting
+            {
+                self.ping_nonce += 1;
+                let nonce = self.ping_nonce;
+                self.send(Msg::Ping { nonce });
+            }
+        }
+        self.secondary_tick();
+    }
+
+    /// Work that may have become possible after any input.
+    fn after_input(&mut self) {
+        self.pump_primary();
+        self.pump_applier();
+        self.send_ack_if_moved();
+        self.check_shutdown();
+    }
+
+    fn admin(&mut self, token: u64, cmd: AdminCmd) {
+        let result = match cmd {
+            AdminCmd::Promote {
+                force,
+                new_generation,
+            } => self.promote(force, new_generation),
+            AdminCmd::Demote => self.demote(),
+            AdminCmd::Shutdown => {
+                if self.shutting_down.is_none() {
+                    self.shutting_down = Some(self.now);
+                    self.event("shutdown", "shutdown requested by operator".into());
+                }
+                Ok("shutting down".into())
+            }
+        };
+        self.emit(Output::AdminDone { token, result });
+    }
+
+    fn promote(&mut self, force: bool, new_generation: u64) -> Result<String, AdminError> {
+        if self.role == Role::Primary {
+            return Ok("already primary".into());
+        }
+        if self.shutting_down.is_some() {
+            return Err(err("shutting_down", "the daemon is shutting down".into()));
+        }
+        let Some(peer) = self
+            .peer
+            .clone()
+            .filter(|_| self.conn_state != ConnState::Connecting)
+        else {
+            if force {
+                return Err(err(
+                    "not_supported",
+                    "promote --force without a connected peer is not implemented yet \
+                     (forced takeover comes with generations and bitmaps)"
+                        .into(),
+                ));
+            }
+            return Err(err(
+                "peer_not_connected",
+                "the peer is not connected; a planned promote needs it (wait, or use --force \
+                 when the primary site is lost)"
+                    .into(),
+            ));
+        };
+        if self.conn_state == ConnState::Refused {
+            return Err(err(
+                "refused",
+                format!(
+                    "the connection to the peer was refused: {}",
+                    self.refused_reason.clone().unwrap_or_default()
+                ),
+            ));
+        }
+        if peer.role == Role::Primary {
+            return Err(err(
+                "peer_is_primary",
+                format!(
+                    "peer {} is primary; demote it first (exactly one primary)",
+                    peer.node
+                ),
+            ));
+        }
+        let fresh_pair = self.meta.generation == 0 && peer.generation == 0;
+        if !fresh_pair {
+            if self.applied < peer.applied_seq || self.applier.issued > 0 {
+                return Err(err(
+                    "busy",
+                    format!(
+                        "still catching up: applied {} of the peer's {}",
+                        self.applied, peer.applied_seq
+                    ),
+                ));
+            }
+            if self.needs_full_sync() && !self.crashed_primary {
+                return Err(err(
+                    "not_up_to_date",
+                    format!(
+                        "this node's disk is {:?}; promote the peer, which holds the data",
+                        self.disk_state
+                    ),
+                ));
+            }
+        }
+        self.role = Role::Primary;
+        self.disk_state = DiskState::UpToDate;
+        self.last_seq = self.applied.max(peer.applied_seq);
+        self.completed_max = self.last_seq;
+        self.stream_base = self.last_seq;
+        self.streaming = false;
+        if fresh_pair {
+            self.meta.generation = new_generation;
+            self.peer_needs_full_sync = true;
+        }
+        if self.crashed_primary {
+            self.peer_needs_full_sync = true;
+            self.crashed_primary = false;
+        }
+        self.meta.set(FLAG_CLEAN, false);
+        self.persist_meta();
+        let msg = format!(
+            "promoted to primary by operator{}",
+            if fresh_pair {
+                " (first primary of a new pair: initial full sync to the peer)"
+            } else {
+                ""
+            }
+        );
+        self.event("role", msg.clone());
+        self.send(Msg::Hello(self.hello()));
+        self.start_streaming();
+        Ok(msg)
+    }
+
+    fn demote(&mut self) -> Result<String, AdminError> {
+        if self.role == Role::Secondary {
+            return Ok("already secondary".into());
+        }
+        let busy = self.pending.len() + self.blocked.len() + self.stalled.len();
+        if busy > 0 {
+            return Err(err(
+                "busy",
+                format!("{busy} client writes still in flight; retry when they complete"),
+            ));
+        }
+        self.role = Role::Secondary;
+        self.applied = self.last_seq;
+        self.last_received = self.last_seq;
+        self.meta.set(FLAG_CLEAN, true);
+        self.checkpoint();
+        self.event("role", "demoted to secondary by operator".into());
+        self.send(Msg::Hello(self.hello()));
+        Ok("demoted to secondary".into())
+    }
+
+    fn check_shutdown(&mut self) {
+        let Some(since) = self.shutting_down else {
+            return;
+        };
+        if self.stopped {
+            return;
+        }
+        // Fail what cannot start any more.
+        while let Some(i) = self.stalled.pop_front() {
+            if let Some(req) = input_req(&i) {
+                self.emit(Output::Complete {
+                    req,
+                    result: Err(IoError::Shutdown),
+                });
+            }
+        }
+        let draining = self.role == Role::Primary
+            && self.streaming
+            && self.peer_applied < self.last_seq
+            && self.now.saturating_sub(since) < self.cfg.shutdown_drain_ns;
+        let busy = !self.ops.is_empty()
+            || !self.pending.is_empty()
+            || !self.blocked.is_empty()
+            || self.meta_in_flight
+            || self.applier.issued > 0;
+        if busy || draining {
+            return;
+        }
+        if self.final_checkpoint_issued && !self.final_checkpoint_done {
+            return;
+        }
+        if self.final_checkpoint_done {
+            self.stopped = true;
+            if let Some(conn) = self.conn {
+                self.emit(Output::Send {
+                    conn,
+                    msg: Msg::Goodbye {
+                        reason: "shutting down".into(),
+                    },
+                });
+            }
+            self.event("shutdown", "stopped cleanly".into());
+            self.emit(Output::Stopped);
+            return;
+        }
+        if self.role == Role::Primary && self.peer_applied < self.last_seq {
+            // The ship queue lives in memory only: the peer will need a full sync.
+            self.peer_needs_full_sync = true;
+        }
+        self.meta.set(FLAG_CLEAN, true);
+        self.final_checkpoint_issued = true;
+        self.checkpoint();
+    }
+}
+
+pub(crate) fn err(code: &'static str, message: String) -> AdminError {
+    AdminError { code, message }
+}
+
+pub(crate) fn input_req(i: &Input) -> Option<ReqId> {
+    match i {
+        Input::ClientRead { req, .. }
+        | Input::ClientWrite { req, .. }
+        | Input::ClientWriteZeroes { req, .. }
+        | Input::ClientTrim { req, .. }
+        | Input::ClientFlush { req } => Some(*req),
+        _ => None,
+    }
+}
