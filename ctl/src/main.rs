@@ -1,1 +1,411 @@
-fn main() {}
+//! `blkrep`: the operator command, drbdadm-like.
+//!
+//! `blkrep [--config FILE] [--node NAME] VERB [RESOURCE]`. The config defaults to
+//! `/etc/blkrep/RESOURCE.toml`, the node to `$BLKREP_NODE` or the host name. Exit codes:
+//! 0 done, 1 refused or failed, 2 bad usage or configuration, 3 the daemon is not running
+//! (`status`).
+
+mod human;
+mod md;
+
+use anyhow::{bail, Context};
+use blkrep_common::config::{Config, DEFAULT_CONFIG_DIR};
+use blkrep_common::control::{self, CallError, DaemonStatus, Request};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "blkrep",
+    version,
+    about = "blkrep: block replication for disaster recovery",
+    after_help = "Exit codes: 0 done, 1 refused or failed, 2 bad usage or configuration, 3 daemon not running."
+)]
+struct Cli {
+    /// Resource configuration (TOML). Default: /etc/blkrep/RESOURCE.toml.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// This node's name in the configuration. Default: $BLKREP_NODE, else the host name.
+    #[arg(long, short, global = true)]
+    node: Option<String>,
+    #[command(subcommand)]
+    verb: Verb,
+}
+
+#[derive(Subcommand)]
+enum Verb {
+    /// Initialise this node's metadata (refuses to overwrite valid metadata without --force).
+    CreateMd {
+        resource: Option<String>,
+        /// Overwrite existing blkrep metadata (its replication state is lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print this node's metadata.
+    DumpMd {
+        resource: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start the daemon for this node; returns once it serves.
+    Up {
+        resource: Option<String>,
+        /// Seconds to wait for the daemon to answer.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Stop the daemon cleanly (a primary first drains its queue to the peer, briefly).
+    Down {
+        resource: Option<String>,
+        /// Seconds to wait for the daemon to exit.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Show role, connection, disk state, replication lag and counters.
+    Status {
+        resource: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this node the primary (a planned switchover: the peer must be connected and
+    /// secondary; waits until that holds or the timeout passes).
+    Promote {
+        resource: Option<String>,
+        /// Take over without the peer (forced takeover; not available yet).
+        #[arg(long)]
+        force: bool,
+        /// Seconds to keep retrying while the peer is not connected or still catching up.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this node a secondary (its export turns read-only).
+    Demote {
+        resource: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Verb {
+    fn resource(&self) -> Option<&str> {
+        match self {
+            Verb::CreateMd { resource, .. }
+            | Verb::DumpMd { resource, .. }
+            | Verb::Up { resource, .. }
+            | Verb::Down { resource, .. }
+            | Verb::Status { resource, .. }
+            | Verb::Promote { resource, .. }
+            | Verb::Demote { resource, .. } => resource.as_deref(),
+        }
+    }
+}
+
+/// An error with its exit code.
+struct Fail(u8, anyhow::Error);
+
+impl<E: Into<anyhow::Error>> From<E> for Fail {
+    fn from(e: E) -> Fail {
+        Fail(1, e.into())
+    }
+}
+
+fn usage(e: impl Into<anyhow::Error>) -> Fail {
+    Fail(2, e.into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(Fail(code, e)) => {
+            eprintln!("blkrep: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load(cli: &Cli) -> Result<(Config, String), Fail> {
+    let path = match (&cli.config, cli.verb.resource()) {
+        (Some(p), _) => p.clone(),
+        (None, Some(r)) => Path::new(DEFAULT_CONFIG_DIR).join(format!("{r}.toml")),
+        (None, None) => {
+            return Err(usage(anyhow::anyhow!(
+                "name a resource or pass --config FILE"
+            )))
+        }
+    };
+    let path = std::path::absolute(&path).unwrap_or(path);
+    let cfg = Config::load(&path).map_err(usage)?;
+    if let Some(r) = cli.verb.resource() {
+        if r != cfg.resource.name {
+            return Err(usage(anyhow::anyhow!(
+                "{} describes resource {:?}, not {r:?}",
+                path.display(),
+                cfg.resource.name
+            )));
+        }
+    }
+    let node = match cli
+        .node
+        .clone()
+        .or_else(|| std::env::var("BLKREP_NODE").ok())
+    {
+        Some(n) => n,
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            if cfg.node(&host).is_err() {
+                return Err(usage(anyhow::anyhow!(
+                    "which node is this? pass --node (one of: {}); the host name {host:?} is not in the config",
+                    cfg.node_names()
+                )));
+            }
+            host
+        }
+    };
+    cfg.node(&node).map_err(usage)?;
+    Ok((cfg, node))
+}
+
+fn run(cli: Cli) -> Result<u8, Fail> {
+    let (cfg, node) = load(&cli)?;
+    match cli.verb {
+        Verb::CreateMd { force, .. } => {
+            if daemon_pid(&cfg, &node).is_some() {
+                return Err(anyhow::anyhow!(
+                    "the daemon of {node} is running; run `blkrep down` first"
+                )
+                .into());
+            }
+            let msg = md::create(&cfg, &node, force)?;
+            println!("{msg}");
+            Ok(0)
+        }
+        Verb::DumpMd { json, .. } => {
+            let m = md::read(&cfg, &node)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&md::to_json(&m))?);
+            } else {
+                print!("{}", human::metadata(&m));
+            }
+            Ok(0)
+        }
+        Verb::Up { timeout, .. } => up(&cfg, &node, Duration::from_secs(timeout)),
+        Verb::Down { timeout, .. } => down(&cfg, &node, Duration::from_secs(timeout)),
+        Verb::Status { json, .. } => status(&cfg, &node, json),
+        Verb::Promote {
+            force,
+            timeout,
+            json,
+            ..
+        } => {
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            let mut last_note = String::new();
+            loop {
+                match call(&cfg, &node, &Request::Promote { force }) {
+                    Ok(v) => return Ok(done(&v, json)),
+                    Err(CallError::Refused(e))
+                        if matches!(e.code.as_str(), "peer_not_connected" | "busy")
+                            && Instant::now() < deadline =>
+                    {
+                        if e.message != last_note && !json {
+                            eprintln!("waiting: {}", e.message);
+                            last_note = e.message.clone();
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Verb::Demote { json, .. } => {
+            let v = call(&cfg, &node, &Request::Demote)?;
+            Ok(done(&v, json))
+        }
+    }
+}
+
+fn done(v: &serde_json::Value, json: bool) -> u8 {
+    if json {
+        println!("{v}");
+    } else if let Some(m) = v["message"].as_str() {
+        println!("{m}");
+    }
+    0
+}
+
+fn call(cfg: &Config, node: &str, req: &Request) -> Result<serde_json::Value, CallError> {
+    control::call(&cfg.control_socket(node), req, Duration::from_secs(60))
+}
+
+/// The daemon's pid, if one answers on the control socket.
+fn daemon_pid(cfg: &Config, node: &str) -> Option<u32> {
+    control::call(
+        &cfg.control_socket(node),
+        &Request::Status,
+        Duration::from_secs(5),
+    )
+    .ok()
+    .and_then(|v| v["pid"].as_u64())
+    .map(|p| p as u32)
+}
+
+fn find_daemon() -> anyhow::Result<PathBuf> {
+    if let Ok(p) = std::env::var("BLKREPD") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe().context("locating the blkrep binary")?;
+    let sibling = exe.with_file_name("blkrepd");
+    if sibling.exists() {
+        return Ok(sibling);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join("blkrepd");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("cannot find blkrepd (next to blkrep, on PATH, or in $BLKREPD)")
+}
+
+fn up(cfg: &Config, node: &str, timeout: Duration) -> Result<u8, Fail> {
+    if let Some(pid) = daemon_pid(cfg, node) {
+        println!("{}/{node}: already running (pid {pid})", cfg.resource.name);
+        return Ok(0);
+    }
+    // Fail early, with the same checks the daemon makes, so the message lands here.
+    md::read(cfg, node)?;
+    let daemon = find_daemon()?;
+    std::fs::create_dir_all(&cfg.resource.run_dir)
+        .with_context(|| format!("creating run_dir {}", cfg.resource.run_dir.display()))?;
+    let log_path = cfg.log_file(node);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening log {}", log_path.display()))?;
+    let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(&daemon)
+        .arg("--config")
+        .arg(&cfg.path)
+        .arg("--node")
+        .arg(node)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C meant for a later command does not reach it.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", daemon.display()))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(pid) = daemon_pid(cfg, node) {
+            println!(
+                "{}/{node}: up (pid {pid}), export {}, log {}",
+                cfg.resource.name,
+                cfg.nbd_uri(node),
+                log_path.display()
+            );
+            return Ok(0);
+        }
+        if let Some(st) = child.try_wait()? {
+            let tail = read_from(&log_path, log_start);
+            return Err(anyhow::anyhow!(
+                "blkrepd exited ({st}) before serving:\n{}",
+                tail.trim_end()
+            )
+            .into());
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow::anyhow!(
+                "blkrepd (pid {}) did not answer within {}s; see {}",
+                child.id(),
+                timeout.as_secs(),
+                log_path.display()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_from(path: &Path, offset: u64) -> String {
+    let s = std::fs::read(path).unwrap_or_default();
+    String::from_utf8_lossy(&s[(offset as usize).min(s.len())..]).into_owned()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+}
+
+fn down(cfg: &Config, node: &str, timeout: Duration) -> Result<u8, Fail> {
+    let Some(pid) = daemon_pid(cfg, node) else {
+        println!("{}/{node}: not running", cfg.resource.name);
+        return Ok(0);
+    };
+    call(cfg, node, &Request::Shutdown)?;
+    let deadline = Instant::now() + timeout;
+    while pid_alive(pid) {
+        if Instant::now() > deadline {
+            return Err(anyhow::anyhow!(
+                "blkrepd (pid {pid}) is still running after {}s; see {}",
+                timeout.as_secs(),
+                cfg.log_file(node).display()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("{}/{node}: down", cfg.resource.name);
+    Ok(0)
+}
+
+fn status(cfg: &Config, node: &str, json: bool) -> Result<u8, Fail> {
+    match call(cfg, node, &Request::Status) {
+        Ok(mut v) => {
+            if json {
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("running".into(), true.into());
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let st: DaemonStatus =
+                    serde_json::from_value(v).context("decoding the daemon's status")?;
+                print!("{}", human::status(&st));
+            }
+            Ok(0)
+        }
+        Err(CallError::NotRunning { .. }) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "resource": cfg.resource.name,
+                        "node": node,
+                        "running": false,
+                    })
+                );
+            } else {
+                println!("{}/{node}: not running", cfg.resource.name);
+            }
+            Ok(3)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -14,7 +14,9 @@ use bytes::Bytes;
 impl Volume {
     fn check_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
         let end = offset.checked_add(len).ok_or(IoError::Invalid)?;
-        if end > self.cfg.volume_size || !offset.is_multiple_of(self.cfg.sector) || !len.is_multiple_of(self.cfg.sector)
+        if end > self.cfg.volume_size
+            || !offset.is_multiple_of(self.cfg.sector)
+            || !len.is_multiple_of(self.cfg.sector)
         {
             return Err(IoError::Invalid);
         }
@@ -134,6 +136,7 @@ impl Volume {
                 local_done: false,
                 error: None,
                 bytes,
+                flush: matches!(item, ItemKind::Flush),
             },
         );
         let dep = if matches!(item, ItemKind::Flush) {
@@ -268,7 +271,11 @@ impl Volume {
             }),
             None => {
                 self.completed_max = self.completed_max.max(seq);
-                self.client_writes += 1;
+                if p.flush {
+                    self.flushes += 1;
+                } else {
+                    self.client_writes += 1;
+                }
                 self.bytes_written += p.bytes;
                 self.emit(Output::Complete {
                     req,

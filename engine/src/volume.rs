@@ -230,6 +230,7 @@ pub(crate) struct PendingClient {
     pub local_done: bool,
     pub error: Option<IoError>,
     pub bytes: u64,
+    pub flush: bool,
 }
 
 /// A client write that overlaps an earlier one still in flight.

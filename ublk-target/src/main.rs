@@ -1,1 +1,43 @@
-fn main() {}
+//! `blkrepd --config FILE --node NAME`: serve one node of one resource.
+
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "blkrepd",
+    version,
+    about = "blkrep daemon: serves one node of a replicated volume"
+)]
+struct Args {
+    /// Resource configuration (TOML).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// This node's name in the configuration.
+    #[arg(long, short)]
+    node: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BLKREP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cfg = match blkrep_common::config::Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("blkrepd: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = blkrep_target::serve::run(&cfg, &args.node) {
+        tracing::error!("{e:#}");
+        eprintln!("blkrepd: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,254 @@
+//! The control API between `blkrep` and `blkrepd`: one JSON request line per Unix-socket
+//! connection, answered by one JSON response line. Both carry `"version"`; a daemon
+//! refuses requests of another version with a clear error instead of guessing.
+//!
+//! ```text
+//! → {"version":1,"request":"promote","force":false}
+//! ← {"version":1,"ok":true,"result":{"message":"promoted to primary by operator"}}
+//! ← {"version":1,"ok":false,"error":{"code":"peer_is_primary","message":"..."}}
+//! ```
+
+use blkrep_engine::status::EngineStatus;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Version of the control protocol.
+pub const CONTROL_VERSION: u32 = 1;
+
+/// A request to the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// A [`DaemonStatus`].
+    Status,
+    /// Become primary (`force`: without a connected peer — forced takeover).
+    Promote {
+        #[serde(default)]
+        force: bool,
+    },
+    /// Become secondary.
+    Demote,
+    /// Stop cleanly.
+    Shutdown,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RequestEnvelope {
+    version: u32,
+    #[serde(flatten)]
+    request: serde_json::Value,
+}
+
+/// An error answer: a stable code for scripts and a message for people.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct ControlError {
+    /// Stable machine-readable code.
+    pub code: String,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+impl ControlError {
+    /// An error with `code` and `message`.
+    pub fn new(code: &str, message: &str) -> ControlError {
+        ControlError {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct ResponseEnvelope {
+    version: u32,
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<ControlError>,
+}
+
+/// What `status` returns.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// Resource name.
+    pub resource: String,
+    /// This node.
+    pub node: String,
+    /// Daemon process id.
+    pub pid: u32,
+    /// Peer node name.
+    pub peer: String,
+    /// Peer replication address.
+    pub peer_address: String,
+    /// The NBD export URI.
+    pub export: String,
+    /// True while the export refuses writes (this node is not primary).
+    pub export_read_only: bool,
+    /// Seconds since the daemon started.
+    pub uptime_seconds: f64,
+    /// The replication engine's state.
+    pub engine: EngineStatus,
+}
+
+/// Encode a request line (without the newline).
+pub fn encode_request(req: &Request) -> String {
+    let env = RequestEnvelope {
+        version: CONTROL_VERSION,
+        request: serde_json::to_value(req).expect("requests serialize"),
+    };
+    serde_json::to_string(&env).expect("requests serialize")
+}
+
+/// Decode a request line; wrong versions and unknown requests get a clear error.
+pub fn parse_request(line: &str) -> Result<Request, ControlError> {
+    let env: RequestEnvelope = serde_json::from_str(line)
+        .map_err(|e| ControlError::new("bad_request", &format!("not a control request: {e}")))?;
+    if env.version != CONTROL_VERSION {
+        return Err(ControlError::new(
+            "version",
+            &format!(
+                "control protocol version {} is not supported by this daemon (it speaks {CONTROL_VERSION}); use the blkrep command of the same release",
+                env.version
+            ),
+        ));
+    }
+    serde_json::from_value(env.request).map_err(|e| {
+        ControlError::new("bad_request", &format!("unknown or malformed request: {e}"))
+    })
+}
+
+/// Encode a response line (without the newline).
+pub fn encode_response(result: Result<serde_json::Value, ControlError>) -> String {
+    let env = match result {
+        Ok(v) => ResponseEnvelope {
+            version: CONTROL_VERSION,
+            ok: true,
+            result: Some(v),
+            error: None,
+        },
+        Err(e) => ResponseEnvelope {
+            version: CONTROL_VERSION,
+            ok: false,
+            result: None,
+            error: Some(e),
+        },
+    };
+    serde_json::to_string(&env).expect("responses serialize")
+}
+
+/// Decode a response line.
+pub fn parse_response(line: &str) -> Result<serde_json::Value, ControlError> {
+    let env: ResponseEnvelope = serde_json::from_str(line).map_err(|e| {
+        ControlError::new(
+            "bad_response",
+            &format!("daemon sent a malformed answer: {e}"),
+        )
+    })?;
+    if env.version != CONTROL_VERSION {
+        return Err(ControlError::new(
+            "version",
+            &format!(
+                "the daemon speaks control protocol {}, this command {CONTROL_VERSION}",
+                env.version
+            ),
+        ));
+    }
+    match (env.ok, env.result, env.error) {
+        (true, Some(v), _) => Ok(v),
+        (false, _, Some(e)) => Err(e),
+        _ => Err(ControlError::new(
+            "bad_response",
+            "daemon answer has neither result nor error",
+        )),
+    }
+}
+
+/// Why a control call did not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No daemon listens on the socket.
+    #[error("the daemon is not running (no answer on {path}: {source})")]
+    NotRunning {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The connection broke or timed out.
+    #[error("talking to the daemon on {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The daemon answered with an error.
+    #[error(transparent)]
+    Refused(#[from] ControlError),
+}
+
+/// Send one request to the daemon at `socket` and wait up to `timeout` for its answer.
+pub fn call(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<serde_json::Value, CallError> {
+    let path = socket.display().to_string();
+    let stream = UnixStream::connect(socket).map_err(|source| CallError::NotRunning {
+        path: path.clone(),
+        source,
+    })?;
+    let io = |source| CallError::Io {
+        path: path.clone(),
+        source,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = encode_request(req);
+    line.push('\n');
+    (&stream).write_all(line.as_bytes()).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
+    if answer.is_empty() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the daemon closed the connection without answering",
+        )));
+    }
+    Ok(parse_response(answer.trim_end())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_refusals() {
+        for r in [
+            Request::Status,
+            Request::Promote { force: true },
+            Request::Demote,
+            Request::Shutdown,
+        ] {
+            assert_eq!(parse_request(&encode_request(&r)).unwrap(), r);
+        }
+        assert_eq!(
+            parse_request(r#"{"version":2,"request":"status"}"#)
+                .unwrap_err()
+                .code,
+            "version"
+        );
+        assert_eq!(
+            parse_request(r#"{"version":1,"request":"explode"}"#)
+                .unwrap_err()
+                .code,
+            "bad_request"
+        );
+        assert_eq!(parse_request("garbage").unwrap_err().code, "bad_request");
+        let ok = encode_response(Ok(serde_json::json!({"a": 1})));
+        assert_eq!(parse_response(&ok).unwrap()["a"], 1);
+        let e = encode_response(Err(ControlError::new("busy", "wait")));
+        assert_eq!(parse_response(&e).unwrap_err().code, "busy");
+    }
+}

@@ -1,0 +1,157 @@
+//! Human-readable renderings of status and metadata.
+
+use blkrep_common::control::DaemonStatus;
+use blkrep_engine::meta::Metadata;
+use std::fmt::Write;
+
+/// `1.5 MiB` style sizes.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn word<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The `status` page.
+pub fn status(s: &DaemonStatus) -> String {
+    let e = &s.engine;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{}/{}: {} {} (generation {:016x}, {} mode, pid {})",
+        s.resource,
+        s.node,
+        word(&e.role),
+        word(&e.disk_state),
+        e.generation,
+        word(&e.mode),
+        s.pid
+    );
+    let peer = match (&e.peer_role, &e.peer_disk_state) {
+        (Some(r), Some(d)) => format!(" — peer is {} {}", word(r), word(d)),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        o,
+        "  peer {} ({}): {}{peer}",
+        s.peer,
+        s.peer_address,
+        word(&e.conn)
+    );
+    if let Some(r) = &e.refused_reason {
+        let _ = writeln!(o, "    refused: {r}");
+    }
+    let _ = writeln!(
+        o,
+        "  export {}{}",
+        s.export,
+        if s.export_read_only {
+            " (read-only)"
+        } else {
+            ""
+        }
+    );
+    if e.role == blkrep_engine::Role::Primary {
+        let _ = writeln!(
+            o,
+            "  stream: last seq {}, peer applied {}",
+            e.last_seq, e.acked_seq
+        );
+    } else {
+        let _ = writeln!(o, "  stream: applied seq {}", e.applied_seq);
+    }
+    let _ = writeln!(
+        o,
+        "  lag: {} items, {}, {:.3} s behind",
+        e.lag_items,
+        bytes(e.lag_bytes),
+        e.lag_seconds
+    );
+    let _ = writeln!(
+        o,
+        "  in flight: {} writes, {}",
+        e.writes_in_flight,
+        bytes(e.bytes_in_flight)
+    );
+    if let Some(r) = &e.resync {
+        let pct = if r.total_bytes > 0 {
+            r.done_bytes as f64 * 100.0 / r.total_bytes as f64
+        } else {
+            100.0
+        };
+        let _ = writeln!(
+            o,
+            "  resync: {pct:.1}% ({} of {}) at {}/s",
+            bytes(r.done_bytes),
+            bytes(r.total_bytes),
+            bytes(r.rate_bytes_per_sec as u64)
+        );
+    }
+    if e.peer_needs_full_sync && e.resync.is_none() {
+        let _ = writeln!(o, "  the peer needs a full sync (starts when it connects)");
+    }
+    let _ = writeln!(
+        o,
+        "  since start: {} writes/trims/zeroes ({}), {} reads ({}), {} flushes, {} connects, up {:.0} s",
+        e.client_writes,
+        bytes(e.bytes_written),
+        e.client_reads,
+        bytes(e.bytes_read),
+        e.flushes,
+        e.connects,
+        s.uptime_seconds
+    );
+    o
+}
+
+/// The `dump-md` page.
+pub fn metadata(m: &Metadata) -> String {
+    use blkrep_engine::meta::{FLAG_CLEAN, FLAG_PEER_NEEDS_FULL_SYNC};
+    let mut o = String::new();
+    let _ = writeln!(o, "resource      {}", m.resource);
+    let _ = writeln!(o, "node          {}", m.node);
+    let _ = writeln!(
+        o,
+        "volume size   {} ({})",
+        m.volume_size,
+        bytes(m.volume_size)
+    );
+    let _ = writeln!(o, "node uuid     {:016x}", m.node_uuid);
+    let _ = writeln!(o, "generation    {:016x}", m.generation);
+    let _ = writeln!(o, "applied seq   {}", m.applied_seq);
+    let _ = writeln!(o, "role          {}", word(&m.role));
+    let _ = writeln!(o, "disk state    {}", word(&m.disk_state));
+    let _ = writeln!(o, "clean stop    {}", m.has(FLAG_CLEAN));
+    let _ = writeln!(
+        o,
+        "peer needs full sync  {}",
+        m.has(FLAG_PEER_NEEDS_FULL_SYNC)
+    );
+    let _ = writeln!(o, "update counter {}", m.counter);
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::bytes(512), "512 B");
+        assert_eq!(super::bytes(1536), "1.5 KiB");
+        assert_eq!(super::bytes(3 << 30), "3.0 GiB");
+    }
+}

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Side-by-side fio benchmark, one run, contenders interleaved round by round:
+#   raw       fio io_uring, O_DIRECT, on the backing file itself
+#   nbdkit    nbdkit file plugin on the same file (fio nbd engine)
+#   qemu-nbd  qemu-nbd --cache=none --aio=io_uring on the same file (fio nbd engine)
+#   async     blkrep pair on loopback, async mode, primary backing = the same file
+#   sync      blkrep pair on loopback, sync mode
+# Jobs: 4k random write qd1, 4k random write qd32, 1 MiB sequential write qd8.
+#
+# Usage: bash scripts/bench.sh [--rounds N] [--runtime SECONDS] [--size SIZE] [--dir DIR]
+#                              [--only "raw nbdkit ..."]
+# Results: target/bench/<round>-<job>-<contender>.json and target/bench/summary.md
+# (medians with min–max over the rounds, and ratios to raw and nbdkit).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=3
+RUNTIME=5
+SIZE=1G
+DIR=/var/tmp/blkrep-bench
+ONLY="raw nbdkit qemu-nbd async sync"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --runtime) RUNTIME=$2; shift 2 ;;
+    --size) SIZE=$2; shift 2 ;;
+    --dir) DIR=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    *) echo "bench: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
+bash scripts/install-deps.sh
+cargo build --release --locked --bins >/dev/null
+BIN=$PWD/target/release
+OUT=$PWD/target/bench
+rm -rf "$OUT" && mkdir -p "$OUT"
+mkdir -p "$DIR"
+IMG=$DIR/bench.img
+REPLICA=$DIR/replica.img
+RUN=$DIR/run
+mkdir -p "$RUN"
+
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
+  for m in async sync; do
+    [ -f "$DIR/$m.toml" ] && for n in alpha beta; do
+      "$BIN/blkrep" --config "$DIR/$m.toml" --node $n down --timeout 20 >/dev/null 2>&1 || true
+    done
+  done
+}
+trap cleanup EXIT
+
+bytes=$(numfmt --from=iec "$SIZE")
+echo "bench: preconditioning $IMG and $REPLICA ($SIZE, non-zero data)"
+for f in "$IMG" "$REPLICA"; do
+  if [ ! -f "$f" ] || [ "$(stat -c %s "$f")" != "$bytes" ]; then
+    rm -f "$f"
+    fio --name=pre --filename="$f" --size="$bytes" --rw=write --bs=1M --direct=1 \
+        --ioengine=libaio --iodepth=8 --refill_buffers --output=/dev/null
+  fi
+done
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+write_config() { # mode
+  local m=$1
+  cat >"$DIR/$m.toml" <<EOF
+[resource]
+name = "r0"
+size = $bytes
+mode = "$m"
+run_dir = "$RUN/$m"
+
+[[node]]
+name = "alpha"
+address = "127.0.0.1:$(port)"
+backing = "$IMG"
+metadata = "$DIR/alpha-$m.md"
+
+[[node]]
+name = "beta"
+address = "127.0.0.1:$(port)"
+backing = "$REPLICA"
+metadata = "$DIR/beta-$m.md"
+EOF
+}
+
+wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "bench: $1 never appeared" >&2; exit 1; }
+
+wait_in_sync() { # config
+  for _ in $(seq 6000); do
+    if "$BIN/blkrep" --config "$1" --node alpha status --json | python3 -c '
+import json,sys
+e=json.load(sys.stdin)["engine"]
+sys.exit(0 if e["conn"]=="connected" and e["lag_items"]==0 and e["resync"] is None and e["acked_seq"]==e["last_seq"] else 1)'; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "bench: pair never got in sync" >&2; exit 1
+}
+
+JOBS="4k-randwrite-qd1 4k-randwrite-qd32 1m-write-qd8"
+job_args() {
+  case "$1" in
+    4k-randwrite-qd1) echo "--rw=randwrite --bs=4k --iodepth=1" ;;
+    4k-randwrite-qd32) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+    1m-write-qd8) echo "--rw=write --bs=1M --iodepth=8" ;;
+  esac
+}
+
+run_fio() { # round job contender engine-args...
+  local r=$1 j=$2 c=$3; shift 3
+  # shellcheck disable=SC2046
+  fio --name="$j" $(job_args "$j") --time_based --runtime="$RUNTIME" --ramp_time=1 \
+      --size="$bytes" --randrepeat=0 --norandommap --group_reporting \
+      --output-format=json --output="$OUT/$r-$j-$c.json" "$@" >/dev/null
+  python3 - "$OUT/$r-$j-$c.json" "$r" "$j" "$c" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+print(f"  round {sys.argv[2]} {sys.argv[3]:<18} {sys.argv[4]:<9} {d['iops']:>10.0f} IOPS {d['bw_bytes']/2**20:>9.1f} MiB/s")
+PY
+}
+
+nbd_fio() { # round contender uri
+  local r=$1 c=$2 uri=$3
+  for j in $JOBS; do run_fio "$r" "$j" "$c" --ioengine=nbd --uri="$uri"; done
+}
+
+for r in $(seq "$ROUNDS"); do
+  echo "bench: round $r of $ROUNDS"
+  for c in $ONLY; do
+    case "$c" in
+      raw)
+        for j in $JOBS; do run_fio "$r" "$j" raw --ioengine=io_uring --direct=1 --filename="$IMG"; done ;;
+      nbdkit)
+        rm -f "$RUN/nbdkit.sock"
+        nbdkit -f -U "$RUN/nbdkit.sock" -e vol file "$IMG" & pids+=($!)
+        wait_sock "$RUN/nbdkit.sock"
+        nbd_fio "$r" nbdkit "nbd+unix:///vol?socket=$RUN/nbdkit.sock"
+        kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true ;;
+      qemu-nbd)
+        rm -f "$RUN/qemu.sock"
+        qemu-nbd -t -f raw -x vol -k "$RUN/qemu.sock" --cache=none --aio=io_uring "$IMG" & pids+=($!)
+        wait_sock "$RUN/qemu.sock"
+        nbd_fio "$r" qemu-nbd "nbd+unix:///vol?socket=$RUN/qemu.sock"
+        kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true ;;
+      async|sync)
+        write_config "$c"
+        cfg=$DIR/$c.toml
+        for n in alpha beta; do
+          "$BIN/blkrep" --config "$cfg" --node $n create-md --force >/dev/null
+          "$BIN/blkrep" --config "$cfg" --node $n up >/dev/null
+        done
+        "$BIN/blkrep" --config "$cfg" --node alpha promote --timeout 30 >/dev/null
+        wait_in_sync "$cfg"   # the initial full sync of a new pair
+        for j in $JOBS; do
+          run_fio "$r" "$j" "$c" --ioengine=nbd --uri="nbd+unix:///r0?socket=$RUN/$c/r0-alpha.nbd"
+          wait_in_sync "$cfg" # an async backlog must not spill into the next job
+        done
+        for n in alpha beta; do "$BIN/blkrep" --config "$cfg" --node $n down --timeout 60 >/dev/null; done ;;
+      *) echo "bench: unknown contender $c" >&2; exit 2 ;;
+    esac
+  done
+done
+
+python3 scripts/bench_report.py "$OUT" "$ROUNDS" "$RUNTIME" "$SIZE" | tee "$OUT/summary.md"

@@ -1,0 +1,916 @@
+//! The daemon's event loop: one thread, one io_uring, driving the engine.
+//!
+//! Everything that moves bytes in the data path goes through the ring: NBD client sockets
+//! (recv of requests, sendmsg of replies), the backing device and metadata (O_DIRECT
+//! reads/writes, fallocate, fdatasync), and the replication link (recv into the frame
+//! decoder, sendmsg of encoded frames with payloads referenced, not copied). Helper threads
+//! only accept connections and run handshakes; they hand finished sockets over through
+//! channels and wake the ring through an eventfd.
+//!
+//! The loop decides nothing about replication: it turns ring completions and socket input
+//! into engine inputs and carries the engine's outputs out.
+
+use crate::backend::{Backing, DiskIo, MetaArea, Step};
+use crate::control::ControlCall;
+use crate::link::LinkConn;
+use crate::nbd::handshake::ExportInfo;
+use crate::nbd::transmission::{self as nbdt, Command, RequestParser};
+use crate::sendq::SendQueue;
+use crate::wake::Waker;
+use blkrep_common::control::{ControlError, DaemonStatus, Request};
+use blkrep_engine::{
+    AdminCmd, AlignedBuf, ConnId, Input, IoError, OpId, Output, ReqId, Role, Volume,
+};
+use blkrep_transport::codec::{self, Decoder};
+use io_uring::{opcode, types, IoUring};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// An NBD client connection after negotiation, handed over by an accept thread.
+pub struct NbdHandoff {
+    pub fd: OwnedFd,
+    pub export: ExportInfo,
+}
+
+/// Channels and flags shared with the helper threads.
+pub struct Shared {
+    pub waker: Waker,
+    pub nbd_rx: crossbeam_channel::Receiver<NbdHandoff>,
+    pub link_rx: crossbeam_channel::Receiver<LinkConn>,
+    pub ctl_rx: crossbeam_channel::Receiver<ControlCall>,
+    /// True while a replication link is up (the connector dials only when false).
+    pub linked: Arc<AtomicBool>,
+    /// True while this node is not primary (new NBD exports are read-only).
+    pub read_only: Arc<AtomicBool>,
+}
+
+/// Static facts for `status`.
+pub struct Identity {
+    pub resource: String,
+    pub node: String,
+    pub peer: String,
+    pub peer_address: String,
+    pub export: String,
+}
+
+const RING_ENTRIES: u32 = 1024;
+const TICK_NS: u32 = 100_000_000;
+/// The engine's clock is refreshed at least this often while the loop is busy.
+const CLOCK_RESOLUTION_NS: u64 = 1_000_000;
+/// Receive buffer of an NBD connection (grown for larger writes).
+const NBD_RBUF: usize = 256 << 10;
+/// Requests one NBD connection may have in the engine before we stop reading from it.
+const NBD_MAX_INFLIGHT: usize = 256;
+const LINK_RECV: usize = 256 << 10;
+/// How long a closing link may still send what is queued (a goodbye with the reason).
+const LINK_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+enum Op {
+    Disk {
+        op: OpId,
+        io: Box<DiskIo>,
+    },
+    NbdRecv {
+        key: usize,
+        gen: u64,
+    },
+    NbdSend {
+        key: usize,
+        gen: u64,
+        _iov: Box<Iov>,
+    },
+    LinkRecv {
+        gen: u64,
+    },
+    LinkSend {
+        gen: u64,
+        _iov: Box<Iov>,
+    },
+    Wake,
+    Timer,
+}
+
+/// iovecs and the msghdr pointing at them, kept alive until the send completes.
+struct Iov {
+    iov: Vec<libc::iovec>,
+    hdr: libc::msghdr,
+}
+
+struct NbdConn {
+    fd: OwnedFd,
+    gen: u64,
+    size: u64,
+    read_only: bool,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    parser: RequestParser,
+    recv_posted: bool,
+    sendq: SendQueue,
+    inflight: usize,
+    closing: bool,
+    ring_ops: usize,
+}
+
+struct Link {
+    fd: OwnedFd,
+    gen: ConnId,
+    decoder: Decoder,
+    recv_posted: bool,
+    sendq: SendQueue,
+    /// Closing: no more input is taken; what is queued (a goodbye) is still sent, until
+    /// `LINK_LINGER` has passed.
+    closing: Option<Instant>,
+    /// The socket was shut down for writing too.
+    shut: bool,
+    ring_ops: usize,
+}
+
+struct ReqInfo {
+    key: usize,
+    gen: u64,
+    handle: u64,
+}
+
+/// The event loop.
+pub struct Loop {
+    ring: IoUring,
+    vol: Volume,
+    _backing: Backing,
+    backing_fd: RawFd,
+    meta: MetaArea,
+    ops: Vec<Option<Op>>,
+    free_ops: Vec<usize>,
+    nbd: Vec<Option<NbdConn>>,
+    links: Vec<Link>,
+    next_gen: u64,
+    reqs: HashMap<ReqId, ReqInfo>,
+    next_req: ReqId,
+    admin: HashMap<u64, crossbeam_channel::Sender<Result<serde_json::Value, ControlError>>>,
+    next_token: u64,
+    shared: Shared,
+    id: Identity,
+    evbuf: Box<u64>,
+    timer: Box<types::Timespec>,
+    started: Instant,
+    last_tick_ns: u64,
+    outs: Vec<Output>,
+    scratch: Vec<u8>,
+    iov_scratch: Vec<libc::iovec>,
+}
+
+impl Loop {
+    /// A loop over an opened volume.
+    pub fn new(
+        vol: Volume,
+        backing: Backing,
+        meta: MetaArea,
+        shared: Shared,
+        id: Identity,
+    ) -> anyhow::Result<Loop> {
+        let ring = IoUring::builder().build(RING_ENTRIES)?;
+        let backing_fd = backing.file.as_raw_fd();
+        Ok(Loop {
+            ring,
+            vol,
+            _backing: backing,
+            backing_fd,
+            meta,
+            ops: Vec::new(),
+            free_ops: Vec::new(),
+            nbd: Vec::new(),
+            links: Vec::new(),
+            next_gen: 1,
+            reqs: HashMap::new(),
+            next_req: 1,
+            admin: HashMap::new(),
+            next_token: 1,
+            shared,
+            id,
+            evbuf: Box::new(0),
+            timer: Box::new(types::Timespec::new().nsec(TICK_NS)),
+            started: Instant::now(),
+            last_tick_ns: 0,
+            outs: Vec::new(),
+            scratch: Vec::new(),
+            iov_scratch: Vec::new(),
+        })
+    }
+
+    /// Run until the engine stops.
+    pub fn run(mut self) -> anyhow::Result<()> {
+        self.post_wake();
+        self.post_timer();
+        self.feed(Input::Tick { now_ns: 0 });
+        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
+        let mut stopped_at: Option<Instant> = None;
+        loop {
+            self.flush_sends();
+            if self.vol.is_stopped() {
+                // Give the goodbye a moment to leave, but never hang on a stalled peer.
+                let t = *stopped_at.get_or_insert_with(Instant::now);
+                if self.links.iter().all(|l| l.sendq.is_empty()) || t.elapsed() > LINK_LINGER {
+                    break;
+                }
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e.into()),
+            }
+            cqes.clear();
+            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            // Keep the engine's clock fresh (lag and RPO figures), not only every timer tick.
+            let now = self.now_ns();
+            if now.saturating_sub(self.last_tick_ns) >= CLOCK_RESOLUTION_NS {
+                self.last_tick_ns = now;
+                self.feed(Input::Tick { now_ns: now });
+            }
+            for &(ud, res) in &cqes {
+                self.completion(ud as usize, res);
+            }
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ ring plumbing
+
+    fn alloc_op(&mut self, op: Op) -> usize {
+        if let Some(i) = self.free_ops.pop() {
+            self.ops[i] = Some(op);
+            i
+        } else {
+            self.ops.push(Some(op));
+            self.ops.len() - 1
+        }
+    }
+
+    fn push(&mut self, entry: io_uring::squeue::Entry) {
+        loop {
+            // SAFETY: every entry built in this file points only into memory owned by the
+            // op table entry named by its user_data (boxed DiskIo, Iov, connection buffers
+            // that are neither moved nor freed while `ring_ops` counts the op), or into
+            // `evbuf`/`timer`, which live as long as the loop.
+            let r = unsafe { self.ring.submission().push(&entry) };
+            if r.is_ok() {
+                return;
+            }
+            let _ = self.ring.submit();
+        }
+    }
+
+    fn post_wake(&mut self) {
+        let key = self.alloc_op(Op::Wake);
+        let ptr = &mut *self.evbuf as *mut u64 as *mut u8;
+        let e = opcode::Read::new(types::Fd(self.shared.waker.fd()), ptr, 8)
+            .build()
+            .user_data(key as u64);
+        self.push(e);
+    }
+
+    fn post_timer(&mut self) {
+        let key = self.alloc_op(Op::Timer);
+        let e = opcode::Timeout::new(&*self.timer as *const types::Timespec)
+            .build()
+            .user_data(key as u64);
+        self.push(e);
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    fn completion(&mut self, key: usize, res: i32) {
+        let Some(op) = self.ops.get_mut(key).and_then(|o| o.take()) else {
+            return;
+        };
+        self.free_ops.push(key);
+        match op {
+            Op::Disk { op, mut io } => match io.complete(res, &mut self.meta) {
+                Step::Again => {
+                    let e = io.sqe(self.backing_fd, self.meta.file.as_raw_fd());
+                    self.free_ops.pop();
+                    self.ops[key] = Some(Op::Disk { op, io });
+                    self.push(e.user_data(key as u64));
+                }
+                Step::Done(result) => self.feed(Input::DiskDone { op, result }),
+            },
+            Op::NbdRecv { key: c, gen } => self.nbd_recv_done(c, gen, res),
+            Op::NbdSend { key: c, gen, .. } => self.nbd_send_done(c, gen, res),
+            Op::LinkRecv { gen } => self.link_recv_done(gen, res),
+            Op::LinkSend { gen, .. } => self.link_send_done(gen, res),
+            Op::Wake => {
+                self.post_wake();
+                self.drain_channels();
+            }
+            Op::Timer => {
+                self.post_timer();
+                let now = self.now_ns();
+                self.feed(Input::Tick { now_ns: now });
+                self.reap_lingering_links();
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ engine
+
+    /// Hand one input to the engine and carry out what it says.
+    fn feed(&mut self, input: Input) {
+        let mut outs = std::mem::take(&mut self.outs);
+        self.vol.handle(input, &mut outs);
+        for o in outs.drain(..) {
+            self.output(o);
+        }
+        self.outs = outs;
+        self.shared
+            .read_only
+            .store(self.vol.role() != Role::Primary, Ordering::Relaxed);
+    }
+
+    fn output(&mut self, o: Output) {
+        match o {
+            Output::Disk(d) => match DiskIo::new(d.kind, &self.meta) {
+                Ok(io) => {
+                    let mut io = Box::new(io);
+                    let e = io.sqe(self.backing_fd, self.meta.file.as_raw_fd());
+                    let key = self.alloc_op(Op::Disk { op: d.op, io });
+                    self.push(e.user_data(key as u64));
+                }
+                Err(e) => {
+                    tracing::error!("cannot encode metadata: {e}");
+                    self.feed(Input::DiskDone {
+                        op: d.op,
+                        result: Err(IoError::Io),
+                    });
+                }
+            },
+            Output::Send { conn, msg } => {
+                if let Some(l) = self
+                    .links
+                    .iter_mut()
+                    .find(|l| l.gen == conn && l.closing.is_none())
+                {
+                    self.scratch.clear();
+                    let data = codec::encode(&msg, &mut self.scratch);
+                    l.sendq.push_copy(&self.scratch);
+                    if let Some(d) = data {
+                        l.sendq.push_shared(d);
+                    }
+                }
+            }
+            Output::Close { conn, reason } => {
+                tracing::info!("closing replication link: {reason}");
+                self.close_link(conn);
+            }
+            Output::Complete { req, result } => self.complete_client(req, result),
+            Output::AdminDone { token, result } => {
+                if let Some(tx) = self.admin.remove(&token) {
+                    let _ = tx.send(
+                        result
+                            .map(|m| serde_json::json!({ "message": m }))
+                            .map_err(|e| ControlError::new(e.code, &e.message)),
+                    );
+                }
+            }
+            Output::Event(e) => tracing::info!(kind = e.kind, "{}", e.message),
+            Output::Stopped => {}
+        }
+    }
+
+    // ------------------------------------------------------------ helper threads
+
+    fn drain_channels(&mut self) {
+        while let Ok(h) = self.shared.nbd_rx.try_recv() {
+            self.add_nbd(h);
+        }
+        while let Ok(l) = self.shared.link_rx.try_recv() {
+            self.add_link(l);
+        }
+        while let Ok(c) = self.shared.ctl_rx.try_recv() {
+            self.control(c);
+        }
+    }
+
+    fn control(&mut self, c: ControlCall) {
+        let cmd = match c.req {
+            Request::Status => {
+                let _ = c.reply.send(Ok(self.status_json()));
+                return;
+            }
+            Request::Promote { force } => AdminCmd::Promote {
+                force,
+                new_generation: random_u64(),
+            },
+            Request::Demote => AdminCmd::Demote,
+            Request::Shutdown => AdminCmd::Shutdown,
+        };
+        let token = self.next_token;
+        self.next_token += 1;
+        self.admin.insert(token, c.reply);
+        self.feed(Input::Admin { token, cmd });
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let st = DaemonStatus {
+            resource: self.id.resource.clone(),
+            node: self.id.node.clone(),
+            pid: std::process::id(),
+            peer: self.id.peer.clone(),
+            peer_address: self.id.peer_address.clone(),
+            export: self.id.export.clone(),
+            export_read_only: self.vol.role() != Role::Primary,
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            engine: self.vol.status(),
+        };
+        serde_json::to_value(st).unwrap_or_default()
+    }
+
+    // ------------------------------------------------------------ NBD clients
+
+    fn add_nbd(&mut self, h: NbdHandoff) {
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        let c = NbdConn {
+            fd: h.fd,
+            gen,
+            size: h.export.size,
+            read_only: h.export.read_only,
+            rbuf: vec![0; NBD_RBUF],
+            rstart: 0,
+            rend: 0,
+            parser: RequestParser::default(),
+            recv_posted: false,
+            sendq: SendQueue::default(),
+            inflight: 0,
+            closing: false,
+            ring_ops: 0,
+        };
+        let key = match self.nbd.iter().position(|s| s.is_none()) {
+            Some(k) => {
+                self.nbd[k] = Some(c);
+                k
+            }
+            None => {
+                self.nbd.push(Some(c));
+                self.nbd.len() - 1
+            }
+        };
+        self.nbd_post_recv(key);
+    }
+
+    fn nbd_post_recv(&mut self, key: usize) {
+        let Some(c) = self.nbd.get_mut(key).and_then(|c| c.as_mut()) else {
+            return;
+        };
+        if c.recv_posted || c.closing || c.inflight >= NBD_MAX_INFLIGHT || c.sendq.len() > 64 << 20
+        {
+            return;
+        }
+        if c.rstart == c.rend {
+            c.rstart = 0;
+            c.rend = 0;
+        }
+        // Make room: compact, and grow for a write bigger than the buffer.
+        let need = nbdt::bytes_needed(&c.rbuf[c.rstart..c.rend]).max(NBD_RBUF);
+        if c.rbuf.len() - c.rstart < need || c.rend == c.rbuf.len() {
+            c.rbuf.copy_within(c.rstart..c.rend, 0);
+            c.rend -= c.rstart;
+            c.rstart = 0;
+            if c.rbuf.len() < need {
+                c.rbuf.resize(need, 0);
+            }
+        }
+        let ptr = c.rbuf[c.rend..].as_mut_ptr();
+        let len = (c.rbuf.len() - c.rend) as u32;
+        c.recv_posted = true;
+        c.ring_ops += 1;
+        let (fd, gen) = (c.fd.as_raw_fd(), c.gen);
+        let op = self.alloc_op(Op::NbdRecv { key, gen });
+        self.push(
+            opcode::Recv::new(types::Fd(fd), ptr, len)
+                .build()
+                .user_data(op as u64),
+        );
+    }
+
+    fn nbd_recv_done(&mut self, key: usize, gen: u64, res: i32) {
+        let Some(c) = self
+            .nbd
+            .get_mut(key)
+            .and_then(|c| c.as_mut())
+            .filter(|c| c.gen == gen)
+        else {
+            return;
+        };
+        c.recv_posted = false;
+        c.ring_ops -= 1;
+        if res <= 0 {
+            if res < 0 && res != -libc::ECONNRESET {
+                tracing::debug!(
+                    "NBD client: recv failed: {}",
+                    std::io::Error::from_raw_os_error(-res)
+                );
+            }
+            c.closing = true;
+            self.nbd_maybe_free(key);
+            return;
+        }
+        c.rend += res as usize;
+        self.nbd_parse(key);
+        self.nbd_post_recv(key);
+        self.nbd_maybe_free(key);
+    }
+
+    fn nbd_parse(&mut self, key: usize) {
+        loop {
+            let Some(c) = self.nbd.get_mut(key).and_then(|c| c.as_mut()) else {
+                return;
+            };
+            if c.closing {
+                return;
+            }
+            let buf = &c.rbuf[c.rstart..c.rend];
+            let (req, used) = match c.parser.parse(buf) {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("NBD client: protocol error, closing: {e}");
+                    c.closing = true;
+                    // SAFETY: shutting down our own open socket; wakes the pending recv.
+                    unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                    return;
+                }
+            };
+            let data_range = req.data.clone();
+            let start = c.rstart;
+            c.rstart += used;
+            if req.cmd == Command::Disc {
+                c.closing = true;
+                // SAFETY: as above.
+                unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RD) };
+                return;
+            }
+            if let Err(errno) = nbdt::validate(&req, c.size, c.read_only) {
+                nbdt::encode_simple_reply(req.handle, errno, self.scratch_reply());
+                let c = self.nbd[key].as_mut().expect("conn");
+                c.sendq.push_copy(&self.scratch);
+                continue;
+            }
+            let data = data_range
+                .map(|r| AlignedBuf::copy_from(&c.rbuf[start + r.start..start + r.end]).freeze());
+            let fua = req.flags & nbdt::CMD_FLAG_FUA != 0;
+            let rid = self.next_req;
+            self.next_req += 1;
+            c.inflight += 1;
+            self.reqs.insert(
+                rid,
+                ReqInfo {
+                    key,
+                    gen: c.gen,
+                    handle: req.handle,
+                },
+            );
+            let (offset, len) = (req.offset, req.len as u64);
+            let input = match req.cmd {
+                Command::Read => Input::ClientRead {
+                    req: rid,
+                    offset,
+                    len,
+                },
+                Command::Write => Input::ClientWrite {
+                    req: rid,
+                    offset,
+                    data: data.unwrap_or_default(),
+                    fua,
+                },
+                Command::Flush => Input::ClientFlush { req: rid },
+                Command::Trim => Input::ClientTrim {
+                    req: rid,
+                    offset,
+                    len,
+                },
+                Command::WriteZeroes => Input::ClientWriteZeroes {
+                    req: rid,
+                    offset,
+                    len,
+                    fua,
+                },
+                Command::Disc | Command::Unknown(_) => {
+                    // validate() rejects unknown commands; Disc was handled above.
+                    self.reqs.remove(&rid);
+                    let c = self.nbd[key].as_mut().expect("conn");
+                    c.inflight -= 1;
+                    continue;
+                }
+            };
+            self.feed(input);
+        }
+    }
+
+    fn scratch_reply(&mut self) -> &mut Vec<u8> {
+        self.scratch.clear();
+        &mut self.scratch
+    }
+
+    fn complete_client(&mut self, req: ReqId, result: Result<Option<bytes::Bytes>, IoError>) {
+        let Some(info) = self.reqs.remove(&req) else {
+            return;
+        };
+        let (errno, data) = match result {
+            Ok(d) => (0, d),
+            Err(e) => (e.errno() as u32, None),
+        };
+        nbdt::encode_simple_reply(info.handle, errno, self.scratch_reply());
+        let Some(c) = self
+            .nbd
+            .get_mut(info.key)
+            .and_then(|c| c.as_mut())
+            .filter(|c| c.gen == info.gen)
+        else {
+            return; // the client went away meanwhile
+        };
+        c.inflight -= 1;
+        c.sendq.push_copy(&self.scratch);
+        if let Some(d) = data {
+            c.sendq.push_shared(d);
+        }
+        let key = info.key;
+        self.nbd_post_recv(key);
+        self.nbd_maybe_free(key);
+    }
+
+    fn nbd_send_done(&mut self, key: usize, gen: u64, res: i32) {
+        let Some(c) = self
+            .nbd
+            .get_mut(key)
+            .and_then(|c| c.as_mut())
+            .filter(|c| c.gen == gen)
+        else {
+            return;
+        };
+        c.ring_ops -= 1;
+        if res < 0 {
+            c.sendq.complete(0);
+            c.closing = true;
+            // SAFETY: shutting down our own open socket.
+            unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        } else {
+            c.sendq.complete(res as usize);
+        }
+        self.nbd_post_recv(key);
+        self.nbd_maybe_free(key);
+    }
+
+    fn nbd_maybe_free(&mut self, key: usize) {
+        if let Some(c) = self.nbd.get(key).and_then(|c| c.as_ref()) {
+            if c.closing && c.ring_ops == 0 && (c.inflight == 0) && !c.sendq.busy() {
+                if !c.sendq.is_empty() {
+                    return; // flush_sends will post the rest
+                }
+                self.nbd[key] = None;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ replication link
+
+    fn add_link(&mut self, l: LinkConn) {
+        let gen = self.next_gen;
+        self.next_gen += 1;
+        tracing::info!("replication link up ({})", l.peer_addr);
+        self.links.push(Link {
+            fd: OwnedFd::from(l.stream),
+            gen,
+            decoder: Decoder::new(),
+            recv_posted: false,
+            sendq: SendQueue::default(),
+            closing: None,
+            shut: false,
+            ring_ops: 0,
+        });
+        self.shared.linked.store(true, Ordering::Relaxed);
+        self.link_post_recv(gen);
+        self.feed(Input::PeerConnected { conn: gen });
+    }
+
+    fn link_post_recv(&mut self, gen: ConnId) {
+        let Some(l) = self.links.iter_mut().find(|l| l.gen == gen) else {
+            return;
+        };
+        if l.recv_posted || l.closing.is_some() {
+            return;
+        }
+        let spare = l.decoder.spare(LINK_RECV);
+        let (ptr, len) = (spare.as_mut_ptr(), spare.len() as u32);
+        l.recv_posted = true;
+        l.ring_ops += 1;
+        let fd = l.fd.as_raw_fd();
+        let op = self.alloc_op(Op::LinkRecv { gen });
+        self.push(
+            opcode::Recv::new(types::Fd(fd), ptr, len)
+                .build()
+                .user_data(op as u64),
+        );
+    }
+
+    fn link_recv_done(&mut self, gen: ConnId, res: i32) {
+        let Some(l) = self.links.iter_mut().find(|l| l.gen == gen) else {
+            return;
+        };
+        l.recv_posted = false;
+        l.ring_ops -= 1;
+        if l.closing.is_some() {
+            self.link_maybe_free(gen);
+            return;
+        }
+        if res <= 0 {
+            let why = if res == 0 {
+                "peer closed the connection".to_string()
+            } else {
+                std::io::Error::from_raw_os_error(-res).to_string()
+            };
+            tracing::warn!("replication link lost: {why}");
+            self.close_link(gen);
+            self.feed(Input::PeerClosed { conn: gen });
+            return;
+        }
+        l.decoder.filled(res as usize);
+        loop {
+            let Some(l) = self
+                .links
+                .iter_mut()
+                .find(|l| l.gen == gen && l.closing.is_none())
+            else {
+                return;
+            };
+            match l.decoder.next() {
+                Ok(Some(msg)) => self.feed(Input::PeerMsg { conn: gen, msg }),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("replication link: bad frame from peer, closing: {e}");
+                    self.close_link(gen);
+                    self.feed(Input::PeerClosed { conn: gen });
+                    return;
+                }
+            }
+        }
+        self.link_post_recv(gen);
+    }
+
+    fn link_send_done(&mut self, gen: ConnId, res: i32) {
+        let Some(l) = self.links.iter_mut().find(|l| l.gen == gen) else {
+            return;
+        };
+        l.ring_ops -= 1;
+        if res < 0 {
+            l.sendq.complete(0);
+            l.sendq.clear();
+            let closing = l.closing.is_some();
+            if !closing {
+                tracing::warn!(
+                    "replication link: send failed: {}",
+                    std::io::Error::from_raw_os_error(-res)
+                );
+                self.close_link(gen);
+                self.feed(Input::PeerClosed { conn: gen });
+            }
+        } else {
+            l.sendq.complete(res as usize);
+        }
+        self.link_maybe_free(gen);
+    }
+
+    /// Stop taking input from a link; let what is queued (a goodbye) leave, then shut it.
+    fn close_link(&mut self, gen: ConnId) {
+        if let Some(l) = self.links.iter_mut().find(|l| l.gen == gen) {
+            if l.closing.is_none() {
+                l.closing = Some(Instant::now());
+                // SAFETY: shutting down our own open socket; completes its pending recv.
+                unsafe { libc::shutdown(l.fd.as_raw_fd(), libc::SHUT_RD) };
+            }
+        }
+        if !self.links.iter().any(|l| l.closing.is_none()) {
+            self.shared.linked.store(false, Ordering::Relaxed);
+        }
+        self.link_maybe_free(gen);
+    }
+
+    /// Shut down closing links whose queue drained or whose linger time passed.
+    fn reap_lingering_links(&mut self) {
+        let gens: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|l| l.closing.is_some_and(|t| t.elapsed() > LINK_LINGER))
+            .map(|l| l.gen)
+            .collect();
+        for gen in gens {
+            if let Some(l) = self.links.iter_mut().find(|l| l.gen == gen) {
+                l.sendq.clear_unsent();
+                if !l.shut {
+                    l.shut = true;
+                    // SAFETY: shutting down our own open socket; fails any pending send.
+                    unsafe { libc::shutdown(l.fd.as_raw_fd(), libc::SHUT_RDWR) };
+                }
+            }
+            self.link_maybe_free(gen);
+        }
+    }
+
+    fn link_maybe_free(&mut self, gen: ConnId) {
+        if let Some(l) = self.links.iter_mut().find(|l| l.gen == gen) {
+            if l.closing.is_some() && !l.shut && l.sendq.is_empty() && !l.sendq.busy() {
+                l.shut = true;
+                // SAFETY: shutting down our own open socket.
+                unsafe { libc::shutdown(l.fd.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+        }
+        self.links.retain(|l| {
+            !(l.gen == gen && l.closing.is_some() && l.ring_ops == 0 && l.sendq.is_empty())
+        });
+    }
+
+    // ------------------------------------------------------------ sending
+
+    fn flush_sends(&mut self) {
+        for key in 0..self.nbd.len() {
+            let Some(c) = self.nbd[key].as_mut() else {
+                continue;
+            };
+            if c.sendq.busy() || c.sendq.is_empty() {
+                continue;
+            }
+            let mut iov = Box::new(Iov {
+                iov: Vec::new(),
+                // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+                hdr: unsafe { std::mem::zeroed() },
+            });
+            if !c.sendq.prepare(&mut self.iov_scratch) {
+                continue;
+            }
+            iov.iov = std::mem::take(&mut self.iov_scratch);
+            iov.hdr.msg_iov = iov.iov.as_mut_ptr();
+            iov.hdr.msg_iovlen = iov.iov.len();
+            let hdr = &iov.hdr as *const libc::msghdr;
+            c.ring_ops += 1;
+            let (fd, gen) = (c.fd.as_raw_fd(), c.gen);
+            let op = self.alloc_op(Op::NbdSend {
+                key,
+                gen,
+                _iov: iov,
+            });
+            self.push(
+                opcode::SendMsg::new(types::Fd(fd), hdr)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build()
+                    .user_data(op as u64),
+            );
+        }
+        for i in 0..self.links.len() {
+            let l = &mut self.links[i];
+            if l.sendq.busy() || l.sendq.is_empty() || l.shut {
+                continue;
+            }
+            let mut iov = Box::new(Iov {
+                iov: Vec::new(),
+                // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
+                hdr: unsafe { std::mem::zeroed() },
+            });
+            if !l.sendq.prepare(&mut self.iov_scratch) {
+                continue;
+            }
+            iov.iov = std::mem::take(&mut self.iov_scratch);
+            iov.hdr.msg_iov = iov.iov.as_mut_ptr();
+            iov.hdr.msg_iovlen = iov.iov.len();
+            let hdr = &iov.hdr as *const libc::msghdr;
+            l.ring_ops += 1;
+            let (fd, gen) = (l.fd.as_raw_fd(), l.gen);
+            let op = self.alloc_op(Op::LinkSend { gen, _iov: iov });
+            self.push(
+                opcode::SendMsg::new(types::Fd(fd), hdr)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build()
+                    .user_data(op as u64),
+            );
+        }
+    }
+}
+
+/// 64 random bits from the kernel.
+pub fn random_u64() -> u64 {
+    let mut v = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into the valid 8-byte buffer.
+    let n = unsafe { libc::getrandom(v.as_mut_ptr() as *mut libc::c_void, 8, 0) };
+    if n != 8 {
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ (std::process::id() as u64) << 32;
+    }
+    u64::from_ne_bytes(v)
+}

@@ -1,0 +1,14 @@
+//! blkrepd: the blkrep daemon.
+//!
+//! Frontends (NBD today, ublk next) feed client requests into the replication engine
+//! (`blkrep-engine`); an io_uring event loop performs the engine's disk operations on the
+//! backing device and carries its messages over the replication link (`blkrep-transport`).
+
+pub mod backend;
+pub mod control;
+pub mod daemon;
+pub mod link;
+pub mod nbd;
+pub mod sendq;
+pub mod serve;
+pub mod wake;
