@@ -5,10 +5,13 @@
 #   qemu-nbd  qemu-nbd --cache=none --aio=io_uring on the same file (fio nbd engine)
 #   async     blkrep pair on loopback, async mode, primary backing = the same file
 #   sync      blkrep pair on loopback, sync mode
+# The replica's backing lives in --replica-dir (default /dev/shm): a remote node has a disk
+# of its own, so by default the replica does not compete for this disk (it still competes
+# for the CPUs). --replica-dir on the same disk as --dir shows the same-disk case.
 # Jobs: 4k random write qd1, 4k random write qd32, 1 MiB sequential write qd8.
 #
 # Usage: bash scripts/bench.sh [--rounds N] [--runtime SECONDS] [--size SIZE] [--dir DIR]
-#                              [--only "raw nbdkit ..."]
+#                              [--replica-dir DIR] [--only "raw nbdkit ..."]
 # Results: target/bench/<round>-<job>-<contender>.json and target/bench/summary.md
 # (medians with min–max over the rounds, and ratios to raw and nbdkit).
 set -euo pipefail
@@ -17,6 +20,7 @@ ROUNDS=3
 RUNTIME=5
 SIZE=1G
 DIR=/var/tmp/blkrep-bench
+REPLICA_DIR=/dev/shm/blkrep-bench
 ONLY="raw nbdkit qemu-nbd async sync"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -24,6 +28,7 @@ while [ $# -gt 0 ]; do
     --runtime) RUNTIME=$2; shift 2 ;;
     --size) SIZE=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
+    --replica-dir) REPLICA_DIR=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
     *) echo "bench: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -36,7 +41,8 @@ OUT=$PWD/target/bench
 rm -rf "$OUT" && mkdir -p "$OUT"
 mkdir -p "$DIR"
 IMG=$DIR/bench.img
-REPLICA=$DIR/replica.img
+mkdir -p "$REPLICA_DIR"
+REPLICA=$REPLICA_DIR/replica.img
 RUN=$DIR/run
 mkdir -p "$RUN"
 
@@ -49,14 +55,15 @@ cleanup() {
     done
   done
 }
-trap cleanup EXIT
+trap 'cleanup; case "$REPLICA_DIR" in /dev/shm/*) rm -rf "$REPLICA_DIR";; esac' EXIT
 
 bytes=$(numfmt --from=iec "$SIZE")
 echo "bench: preconditioning $IMG and $REPLICA ($SIZE, non-zero data)"
 for f in "$IMG" "$REPLICA"; do
   if [ ! -f "$f" ] || [ "$(stat -c %s "$f")" != "$bytes" ]; then
     rm -f "$f"
-    fio --name=pre --filename="$f" --size="$bytes" --rw=write --bs=1M --direct=1 \
+    direct=1; [ "$(stat -f -c %T "$(dirname "$f")")" = tmpfs ] && direct=0
+    fio --name=pre --filename="$f" --size="$bytes" --rw=write --bs=1M --direct=$direct \
         --ioengine=libaio --iodepth=8 --refill_buffers --output=/dev/null
   fi
 done
@@ -71,6 +78,7 @@ name = "r0"
 size = $bytes
 mode = "$m"
 run_dir = "$RUN/$m"
+frontend = "nbd"
 
 [[node]]
 name = "alpha"
@@ -165,4 +173,4 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 
-python3 scripts/bench_report.py "$OUT" "$ROUNDS" "$RUNTIME" "$SIZE" | tee "$OUT/summary.md"
+python3 scripts/bench_report.py "$OUT" "$ROUNDS" "$RUNTIME" "$SIZE" "$REPLICA_DIR" | tee "$OUT/summary.md"

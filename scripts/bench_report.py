@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Summarise scripts/bench.sh results: median (min-max) per job and contender, ratios of
-medians to raw and to nbdkit. Usage: bench_report.py DIR ROUNDS RUNTIME SIZE"""
+medians to raw and to nbdkit. Usage: bench_report.py DIR ROUNDS RUNTIME SIZE REPLICA_DIR"""
 import glob
 import json
 import os
 import statistics
 import sys
 
-out, rounds, runtime, size = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+out, rounds, runtime, size, replica = sys.argv[1:6]
 res = {}
 for f in glob.glob(os.path.join(out, "*.json")):
     r, rest = os.path.basename(f)[:-5].split("-", 1)
@@ -24,7 +24,7 @@ for f in glob.glob(os.path.join(out, "*.json")):
     )
 
 order = ["raw", "nbdkit", "qemu-nbd", "async", "sync"]
-print(f"# fio results: {rounds} rounds x {runtime} s per job, {size} preconditioned file\n")
+print(f"# fio results: {rounds} rounds x {runtime} s per job, {size} preconditioned file, replica in {replica}\n")
 for job in sorted(res):
     unit = "mibs" if job.startswith("1m") else "iops"
     label = "MiB/s" if unit == "mibs" else "IOPS"

@@ -8,6 +8,9 @@
 //! mode = "sync"           # or "async"
 //! queue_limit = "64M"     # async ship queue bound (in memory for now)
 //! run_dir = "/run/blkrep" # control sockets, NBD sockets, logs
+//! frontend = "auto"       # "ublk", "nbd", or "auto": ublk when /dev/ublk-control exists
+//! ublk_queues = 1         # ublk hardware queues (a node may override both)
+//! ublk_depth = 64         # ublk tags per queue (1-4096)
 //!
 //! [[node]]
 //! name = "alpha"
@@ -36,6 +39,18 @@ pub const SIZE_ALIGN: u64 = 4096;
 const DEFAULT_QUEUE_LIMIT: u64 = 64 << 20;
 const MIN_QUEUE_LIMIT: u64 = 1 << 20;
 const MAX_NAME: usize = 64;
+/// Default ublk hardware queues: one (the single event loop serves every queue).
+pub const DEFAULT_UBLK_QUEUES: u16 = 1;
+/// Default ublk tags per queue.
+pub const DEFAULT_UBLK_DEPTH: u16 = 64;
+/// The kernel's limit on tags per queue (`UBLK_MAX_QUEUE_DEPTH`).
+pub const UBLK_MAX_DEPTH: u16 = 4096;
+/// At most this many queues.
+pub const UBLK_MAX_QUEUES: u16 = 64;
+/// At most this many tags in all (each holds a 512 KiB buffer).
+pub const UBLK_MAX_TAGS: u32 = 4096;
+/// The ublk control device; its presence makes `frontend = "auto"` choose ublk.
+pub const UBLK_CONTROL: &str = "/dev/ublk-control";
 
 /// A configuration problem: which file, which field, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +146,46 @@ pub enum NbdListen {
     Tcp(String),
 }
 
+/// How clients reach the volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Frontend {
+    /// ublk when the kernel offers it (`/dev/ublk-control` exists), else NBD.
+    Auto,
+    /// A kernel block device, `/dev/ublkbN`, through the ublk driver.
+    Ublk,
+    /// An NBD export on a Unix socket or a loopback TCP port.
+    Nbd,
+}
+
+impl Frontend {
+    /// The frontend to use, given whether the ublk control device exists.
+    pub fn resolve(self, ublk_available: bool) -> Frontend {
+        match self {
+            Frontend::Auto if ublk_available => Frontend::Ublk,
+            Frontend::Auto => Frontend::Nbd,
+            f => f,
+        }
+    }
+
+    /// `"ublk"`, `"nbd"` or `"auto"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Frontend::Auto => "auto",
+            Frontend::Ublk => "ublk",
+            Frontend::Nbd => "nbd",
+        }
+    }
+}
+
+/// Queues and depth of a node's ublk device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UblkShape {
+    /// Hardware queues.
+    pub queues: u16,
+    /// Tags per queue.
+    pub depth: u16,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -147,6 +202,9 @@ struct RawResource {
     mode: String,
     queue_limit: Option<Size>,
     run_dir: Option<PathBuf>,
+    frontend: Option<String>,
+    ublk_queues: Option<i64>,
+    ublk_depth: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,6 +215,8 @@ struct RawNode {
     backing: PathBuf,
     metadata: PathBuf,
     nbd: Option<String>,
+    ublk_queues: Option<i64>,
+    ublk_depth: Option<i64>,
 }
 
 /// The resource section, validated.
@@ -172,6 +232,10 @@ pub struct Resource {
     pub queue_limit: u64,
     /// Directory for control sockets, NBD sockets and logs.
     pub run_dir: PathBuf,
+    /// How clients reach the volume.
+    pub frontend: Frontend,
+    /// ublk queues and depth (nodes may override them).
+    pub ublk: UblkShape,
 }
 
 /// One node, validated.
@@ -187,6 +251,8 @@ pub struct NodeConfig {
     pub metadata: PathBuf,
     /// NBD frontend, if configured explicitly.
     pub nbd: Option<NbdListen>,
+    /// ublk queues and depth for this node, when it overrides the resource's.
+    pub ublk: UblkShape,
 }
 
 /// A validated resource configuration.
@@ -256,6 +322,23 @@ impl Config {
             ));
         }
         let run_dir = r.run_dir.unwrap_or_else(|| DEFAULT_RUN_DIR.into());
+        let frontend = match r.frontend.as_deref() {
+            None | Some("auto") => Frontend::Auto,
+            Some("ublk") => Frontend::Ublk,
+            Some("nbd") => Frontend::Nbd,
+            Some(other) => {
+                return Err(invalid(
+                    "resource.frontend".into(),
+                    format!("{other:?} is not a frontend (use \"ublk\", \"nbd\" or \"auto\")"),
+                ))
+            }
+        };
+        let default_shape = UblkShape {
+            queues: DEFAULT_UBLK_QUEUES,
+            depth: DEFAULT_UBLK_DEPTH,
+        };
+        let ublk = ublk_shape(r.ublk_queues, r.ublk_depth, default_shape, "resource")
+            .map_err(|(f, p)| invalid(f, p))?;
         if raw.node.len() != 2 {
             return Err(invalid(
                 "node".into(),
@@ -285,12 +368,15 @@ impl Config {
                 None => None,
                 Some(s) => Some(parse_nbd(&s).map_err(|p| invalid(f("nbd"), p))?),
             };
+            let node_ublk = ublk_shape(n.ublk_queues, n.ublk_depth, ublk, &format!("node[{i}]"))
+                .map_err(|(f, p)| invalid(f, p))?;
             nodes.push(NodeConfig {
                 name: n.name,
                 address: n.address,
                 backing: n.backing,
                 metadata: n.metadata,
                 nbd,
+                ublk: node_ublk,
             });
         }
         if nodes[0].name == nodes[1].name {
@@ -313,6 +399,8 @@ impl Config {
                 mode,
                 queue_limit,
                 run_dir,
+                frontend,
+                ublk,
             },
             nodes,
             hash: blake3::hash(text.as_bytes()).to_hex().to_string(),
@@ -366,6 +454,16 @@ impl Config {
         self.run_file(node, "log")
     }
 
+    /// Where the daemon records its ublk device id, for recovery after a crash.
+    pub fn ublk_record(&self, node: &str) -> PathBuf {
+        self.run_file(node, "ublk")
+    }
+
+    /// Queues and depth of `node`'s ublk device.
+    pub fn ublk_shape(&self, node: &str) -> UblkShape {
+        self.node(node).map_or(self.resource.ublk, |n| n.ublk)
+    }
+
     /// Where the node's NBD export listens (default: a Unix socket in the run dir).
     pub fn nbd_listen(&self, node: &str) -> NbdListen {
         self.node(node)
@@ -383,6 +481,47 @@ impl Config {
             NbdListen::Tcp(a) => format!("nbd://{a}/{}", self.resource.name),
         }
     }
+}
+
+/// Validate `ublk_queues` / `ublk_depth` of `section` over `base`; errors name the field.
+fn ublk_shape(
+    queues: Option<i64>,
+    depth: Option<i64>,
+    base: UblkShape,
+    section: &str,
+) -> Result<UblkShape, (String, String)> {
+    let field = |f: &str| format!("{section}.{f}");
+    let queues = match queues {
+        None => base.queues,
+        Some(q) if (1..=UBLK_MAX_QUEUES as i64).contains(&q) => q as u16,
+        Some(q) => {
+            return Err((
+                field("ublk_queues"),
+                format!("{q} is not between 1 and {UBLK_MAX_QUEUES}"),
+            ))
+        }
+    };
+    let depth = match depth {
+        None => base.depth,
+        Some(d) if (1..=UBLK_MAX_DEPTH as i64).contains(&d) => d as u16,
+        Some(d) => {
+            return Err((
+                field("ublk_depth"),
+                format!("{d} is not between 1 and {UBLK_MAX_DEPTH} (the kernel's limit)"),
+            ))
+        }
+    };
+    let tags = queues as u32 * depth as u32;
+    if tags > UBLK_MAX_TAGS {
+        return Err((
+            field("ublk_depth"),
+            format!(
+                "{queues} queues x {depth} tags = {tags} tags, more than {UBLK_MAX_TAGS} \
+                 (each tag holds a 512 KiB buffer)"
+            ),
+        ));
+    }
+    Ok(UblkShape { queues, depth })
 }
 
 fn check_name(s: &str) -> Result<(), String> {
@@ -490,11 +629,73 @@ nbd = "tcp:127.0.0.1:10809"
             NbdListen::Unix("/run/blkrep/r0-alpha.nbd".into())
         );
         assert_eq!(c.nbd_uri("beta"), "nbd://127.0.0.1:10809/r0");
+        assert_eq!(c.resource.frontend, Frontend::Auto);
+        assert_eq!(
+            c.ublk_shape("alpha"),
+            UblkShape {
+                queues: DEFAULT_UBLK_QUEUES,
+                depth: DEFAULT_UBLK_DEPTH
+            }
+        );
+        assert_eq!(
+            c.ublk_record("alpha"),
+            Path::new("/run/blkrep/r0-alpha.ublk")
+        );
         assert!(c
             .node("gamma")
             .unwrap_err()
             .to_string()
             .contains("alpha, beta"));
+    }
+
+    #[test]
+    fn frontends() {
+        // auto keeps NBD where the kernel has no ublk (as on hosts without ublk_drv).
+        assert_eq!(Frontend::Auto.resolve(false), Frontend::Nbd);
+        assert_eq!(Frontend::Auto.resolve(true), Frontend::Ublk);
+        assert_eq!(Frontend::Nbd.resolve(true), Frontend::Nbd);
+        assert_eq!(Frontend::Ublk.resolve(false), Frontend::Ublk);
+        let with =
+            |extra: &str| GOOD.replace("mode = \"async\"", &format!("mode = \"async\"\n{extra}"));
+        let c = parse(&with(
+            "frontend = \"ublk\"\nublk_queues = 2\nublk_depth = 128",
+        ))
+        .unwrap();
+        assert_eq!(c.resource.frontend, Frontend::Ublk);
+        assert_eq!(
+            c.ublk_shape("alpha"),
+            UblkShape {
+                queues: 2,
+                depth: 128
+            }
+        );
+        assert_eq!(
+            parse(&with("frontend = \"nbd\""))
+                .unwrap()
+                .resource
+                .frontend,
+            Frontend::Nbd
+        );
+        // A node overrides the resource's shape, field by field.
+        let t = with("ublk_depth = 32").replace(
+            "nbd = \"tcp:127.0.0.1:10809\"",
+            "nbd = \"tcp:127.0.0.1:10809\"\nublk_queues = 4",
+        );
+        let c = parse(&t).unwrap();
+        assert_eq!(
+            c.ublk_shape("alpha"),
+            UblkShape {
+                queues: 1,
+                depth: 32
+            }
+        );
+        assert_eq!(
+            c.ublk_shape("beta"),
+            UblkShape {
+                queues: 4,
+                depth: 32
+            }
+        );
     }
 
     #[test]
@@ -549,6 +750,44 @@ nbd = "tcp:127.0.0.1:10809"
                 "colour",
             ),
             (GOOD.replace("[resource]", "[resource"), "TOML parse error"),
+            (
+                GOOD.replace("mode = \"async\"", "mode = \"async\"\nfrontend = \"iscsi\""),
+                "resource.frontend",
+            ),
+            (
+                GOOD.replace("mode = \"async\"", "mode = \"async\"\nublk_depth = 0"),
+                "resource.ublk_depth",
+            ),
+            (
+                GOOD.replace("mode = \"async\"", "mode = \"async\"\nublk_depth = 5000"),
+                "resource.ublk_depth",
+            ),
+            (
+                GOOD.replace("mode = \"async\"", "mode = \"async\"\nublk_queues = 0"),
+                "resource.ublk_queues",
+            ),
+            (
+                GOOD.replace("mode = \"async\"", "mode = \"async\"\nublk_queues = -1"),
+                "resource.ublk_queues",
+            ),
+            (
+                GOOD.replace(
+                    "mode = \"async\"",
+                    "mode = \"async\"\nublk_queues = 8\nublk_depth = 1024",
+                ),
+                "resource.ublk_depth",
+            ),
+            (
+                GOOD.replace("nbd = \"tcp:", "ublk_depth = 4097\nnbd = \"tcp:"),
+                "node[1].ublk_depth",
+            ),
+            (
+                GOOD.replace(
+                    "mode = \"async\"",
+                    "mode = \"async\"\nublk_depth = \"deep\"",
+                ),
+                "ublk_depth",
+            ),
         ];
         for (text, field) in cases {
             let e = err(&text);

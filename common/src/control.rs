@@ -85,10 +85,22 @@ pub struct DaemonStatus {
     pub peer: String,
     /// Peer replication address.
     pub peer_address: String,
-    /// The NBD export URI.
+    /// Where clients reach the volume: the NBD export URI, or the ublk block device.
     pub export: String,
     /// True while the export refuses writes (this node is not primary).
     pub export_read_only: bool,
+    /// The frontend serving the volume: `"nbd"` or `"ublk"`.
+    #[serde(default)]
+    pub frontend: String,
+    /// The ublk block device (`/dev/ublkbN`) while it exists and serves (or holds) I/O;
+    /// null when there is none (NBD frontend, or a ublk device still starting).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// What the ublk device is doing: `"starting"`, `"live"`, `"held"` (taken over after a
+    /// crash of a primary's daemon: I/O waits in the kernel until this node is promoted),
+    /// `"stopping"`; absent for NBD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_state: Option<String>,
     /// Seconds since the daemon started.
     pub uptime_seconds: f64,
     /// The replication engine's state.

@@ -56,16 +56,31 @@ pub fn status(s: &DaemonStatus) -> String {
     if let Some(r) = &e.refused_reason {
         let _ = writeln!(o, "    refused: {r}");
     }
-    let _ = writeln!(
-        o,
-        "  export {}{}",
-        s.export,
-        if s.export_read_only {
-            " (read-only)"
-        } else {
-            ""
+    let ro = if s.export_read_only {
+        " (read-only)"
+    } else {
+        ""
+    };
+    match (&s.device, s.device_state.as_deref()) {
+        (Some(d), Some("held")) => {
+            let _ = writeln!(
+                o,
+                "  device {d}: recovered after a crash, I/O held until this node is promoted"
+            );
         }
-    );
+        (Some(d), Some(st)) if st != "live" => {
+            let _ = writeln!(o, "  device {d} ({st}){ro}");
+        }
+        (Some(d), _) => {
+            let _ = writeln!(o, "  device {d}{ro}");
+        }
+        (None, Some(st)) => {
+            let _ = writeln!(o, "  device: none ({st})");
+        }
+        (None, None) => {
+            let _ = writeln!(o, "  export {}{ro}", s.export);
+        }
+    }
     if e.role == blkrep_engine::Role::Primary {
         let _ = writeln!(
             o,

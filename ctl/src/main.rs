@@ -244,16 +244,35 @@ fn call(cfg: &Config, node: &str, req: &Request) -> Result<serde_json::Value, Ca
     control::call(&cfg.control_socket(node), req, Duration::from_secs(60))
 }
 
-/// The daemon's pid, if one answers on the control socket.
-fn daemon_pid(cfg: &Config, node: &str) -> Option<u32> {
+/// The daemon's status, if one answers on the control socket.
+fn daemon_status(cfg: &Config, node: &str) -> Option<serde_json::Value> {
     control::call(
         &cfg.control_socket(node),
         &Request::Status,
         Duration::from_secs(5),
     )
     .ok()
-    .and_then(|v| v["pid"].as_u64())
-    .map(|p| p as u32)
+}
+
+/// The daemon's pid, if one answers on the control socket.
+fn daemon_pid(cfg: &Config, node: &str) -> Option<u32> {
+    daemon_status(cfg, node)
+        .and_then(|v| v["pid"].as_u64())
+        .map(|p| p as u32)
+}
+
+/// How clients reach a serving daemon, for `up`; `None` while its ublk device is still
+/// being created.
+fn serving(v: &serde_json::Value) -> Option<String> {
+    if v["frontend"] != "ublk" {
+        return Some(format!("export {}", v["export"].as_str().unwrap_or("?")));
+    }
+    let dev = v["device"].as_str()?;
+    Some(if v["device_state"] == "held" {
+        format!("device {dev} (recovered after a crash: its I/O waits until this node is promoted)")
+    } else {
+        format!("device {dev}")
+    })
 }
 
 fn find_daemon() -> anyhow::Result<PathBuf> {
@@ -306,14 +325,17 @@ fn up(cfg: &Config, node: &str, timeout: Duration) -> Result<u8, Fail> {
         .with_context(|| format!("starting {}", daemon.display()))?;
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(pid) = daemon_pid(cfg, node) {
-            println!(
-                "{}/{node}: up (pid {pid}), export {}, log {}",
-                cfg.resource.name,
-                cfg.nbd_uri(node),
-                log_path.display()
-            );
-            return Ok(0);
+        // Up means serving: with ublk, once the block device exists.
+        if let Some(v) = daemon_status(cfg, node) {
+            if let Some(how) = serving(&v) {
+                println!(
+                    "{}/{node}: up (pid {}), {how}, log {}",
+                    cfg.resource.name,
+                    v["pid"],
+                    log_path.display()
+                );
+                return Ok(0);
+            }
         }
         if let Some(st) = child.try_wait()? {
             let tail = read_from(&log_path, log_start);

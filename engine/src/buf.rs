@@ -42,11 +42,22 @@ impl AlignedBuf {
         Self { ptr, len }
     }
 
-    /// A buffer holding a copy of `data`.
+    /// A buffer holding a copy of `data` (not zeroed first: this is on the write path).
     pub fn copy_from(data: &[u8]) -> Self {
-        let mut b = Self::zeroed(data.len());
-        b.as_mut_slice().copy_from_slice(data);
-        b
+        let len = data.len();
+        if len == 0 {
+            return Self::zeroed(0);
+        }
+        let layout = Self::layout(len);
+        // SAFETY: layout has a non-zero size and a valid power-of-two alignment.
+        let raw = unsafe { alloc::alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: `raw` is a fresh allocation of `len` bytes that cannot overlap `data`;
+        // after the copy every byte is initialised, as the other methods assume.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), raw, len) };
+        Self { ptr, len }
     }
 
     fn layout(len: usize) -> Layout {

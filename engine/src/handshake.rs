@@ -39,13 +39,17 @@ impl Volume {
             Msg::ResyncStart {
                 total_bytes,
                 base_seq,
-            } => self.on_resync_start(total_bytes, base_seq),
+                generation,
+            } => self.on_resync_start(total_bytes, base_seq, generation),
             Msg::ResyncDone { seq } => self.on_resync_done(seq),
             Msg::Ping { nonce } => self.send(Msg::Pong { nonce }),
             Msg::Pong { .. } => {}
             Msg::Goodbye { reason } => {
                 self.event("disconnect", format!("peer says goodbye: {reason}"))
             }
+            Msg::PromoteRequest { nonce } => self.on_promote_request(nonce),
+            Msg::PromoteGrant { nonce } => self.on_promote_answer(nonce, Ok(())),
+            Msg::PromoteDeny { nonce, reason } => self.on_promote_answer(nonce, Err(reason)),
         }
     }
 
@@ -73,6 +77,8 @@ impl Volume {
         }
         let first = self.conn_state == ConnState::Connecting;
         let peer_role = h.role;
+        let peer_needs_full_sync = h.needs_full_sync;
+        let peer_failed = h.disk_state == DiskState::Failed;
         let node = h.node.clone();
         self.peer = Some(h);
         if first {
@@ -89,7 +95,19 @@ impl Volume {
                 "split brain: both this node and peer {node} are primary; demote one of them \
                  (its writes since they split will have to be discarded)"
             )),
-            (Role::Primary, Role::Secondary) => self.start_streaming(),
+            (Role::Primary, Role::Secondary) => {
+                let restart = peer_failed || (self.resync.is_none() && peer_needs_full_sync);
+                if self.streaming && restart {
+                    // The peer lost its data mid-stream (its disk failed): start over.
+                    self.event(
+                        "resync",
+                        format!("peer {node} reports it needs a full sync"),
+                    );
+                    self.begin_full_sync();
+                } else {
+                    self.start_streaming();
+                }
+            }
             (Role::Secondary, Role::Primary) => {
                 // Our own outgoing queue (left over from before a demote) is obsolete now:
                 // the peer only promoted after applying all of it.
@@ -142,6 +160,10 @@ impl Volume {
         if let Some(r) = self.resync.as_mut() {
             r.done_sent = false;
         }
+        self.fail_pending_promote(
+            "peer_not_connected",
+            "the link to the peer was lost during the promote",
+        );
         // Sync mode degrades: writes waiting for the peer complete on the local leg alone,
         // their items stay queued for the next connection.
         self.release_waiters();

@@ -7,6 +7,7 @@
 //! sockets and the real clock; the simulator drives the same code with simulated ones.
 
 pub mod buf;
+pub mod bugs;
 pub mod msg;
 pub mod types;
 
@@ -16,10 +17,11 @@ mod handshake;
 pub mod meta;
 mod primary;
 pub mod ranges;
+mod roles;
 mod secondary;
 pub mod status;
 pub mod volume;
 
 pub use volume::{
-    AdminCmd, AdminError, DiskKind, DiskOp, Event, Input, Output, Volume, VolumeConfig,
+    AdminCmd, AdminError, DiskKind, DiskOp, Event, Input, Output, Probe, Volume, VolumeConfig,
 };

@@ -34,6 +34,9 @@ const MAX_NAME: usize = 255;
 pub const FLAG_CLEAN: u32 = 1 << 0;
 /// Flag: the peer is known to need a full sync from this node.
 pub const FLAG_PEER_NEEDS_FULL_SYNC: u32 = 1 << 1;
+/// Flag: this node crashed while primary and has not been resynced or promoted since: its
+/// image may hold writes its peer never received (it must not be resumed by sequence).
+pub const FLAG_CRASHED_PRIMARY: u32 = 1 << 2;
 
 /// Errors reading a metadata area.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -292,6 +295,7 @@ fn disk_code(d: DiskState) -> u8 {
         DiskState::Inconsistent => 3,
         DiskState::Outdated => 4,
         DiskState::Diskless => 5,
+        DiskState::Failed => 6,
     }
 }
 fn disk_from(c: u8) -> Result<DiskState, MetaError> {
@@ -301,6 +305,7 @@ fn disk_from(c: u8) -> Result<DiskState, MetaError> {
         3 => DiskState::Inconsistent,
         4 => DiskState::Outdated,
         5 => DiskState::Diskless,
+        6 => DiskState::Failed,
         _ => return Err(MetaError::Corrupt),
     })
 }

@@ -30,6 +30,10 @@ pub struct Hello {
     /// Highest sequence number the sender has issued as primary or applied as secondary,
     /// with everything before it present on its backing.
     pub applied_seq: Seq,
+    /// Highest sequence number the sender has received or issued (`>= applied_seq`): a new
+    /// primary numbers its stream above both sides' values, so no number is ever reused
+    /// for other content while an old item with that number may still be applied.
+    pub received_seq: Seq,
     /// Sender's current data generation (changes when a primary diverges from its peer).
     pub generation: u64,
     /// True when the sender needs a full sync from its peer (fresh or interrupted sync).
@@ -100,7 +104,12 @@ pub enum Msg {
     /// Inconsistent until the matching [`Msg::ResyncDone`] is applied. Every stream item
     /// `<= base_seq` is covered by the resync: the secondary sets its applied sequence to
     /// `base_seq` and the stream continues at `base_seq + 1`.
-    ResyncStart { total_bytes: u64, base_seq: Seq },
+    ResyncStart {
+        total_bytes: u64,
+        base_seq: Seq,
+        /// The data generation the target holds once the sync completes.
+        generation: u64,
+    },
     /// Primary to secondary: the full sync is complete once every item `<= seq` is applied.
     ResyncDone { seq: Seq },
     /// Liveness probe; answered with [`Msg::Pong`] carrying the same nonce.
@@ -109,4 +118,11 @@ pub enum Msg {
     Pong { nonce: u64 },
     /// The sender is about to close the connection, and why.
     Goodbye { reason: String },
+    /// The sender wants to become primary; answered by [`Msg::PromoteGrant`] or
+    /// [`Msg::PromoteDeny`] with the same nonce.
+    PromoteRequest { nonce: u64 },
+    /// The receiver is secondary and counts the asker as primary from now on.
+    PromoteGrant { nonce: u64 },
+    /// The receiver refuses the promote, and why.
+    PromoteDeny { nonce: u64, reason: String },
 }

@@ -5,6 +5,7 @@
 //! that overlaps one still in flight waits (in sequence order) until it has completed: the
 //! local image and the replica then see overlapping writes in the same order.
 
+use crate::bugs::{self, Bug};
 use crate::msg::{ItemKind, Msg, StreamItem};
 use crate::ranges::overlap;
 use crate::types::*;
@@ -26,7 +27,10 @@ impl Volume {
     pub(crate) fn client_read(&mut self, req: ReqId, offset: u64, len: u64) {
         let result = if self.shutting_down.is_some() {
             Err(IoError::Shutdown)
-        } else if self.disk_state == DiskState::Inconsistent {
+        } else if matches!(
+            self.disk_state,
+            DiskState::Inconsistent | DiskState::Failed | DiskState::Diskless
+        ) {
             // Never serve data that is known not to be a usable image.
             Err(IoError::Io)
         } else {
@@ -53,6 +57,8 @@ impl Volume {
             Err(IoError::Shutdown)
         } else if self.role != Role::Primary {
             Err(IoError::ReadOnly)
+        } else if self.disk_state == DiskState::Failed {
+            Err(IoError::Io)
         } else {
             match &input {
                 Input::ClientWrite { offset, data, .. } => {
@@ -70,11 +76,27 @@ impl Volume {
             });
             return;
         }
-        if !self.stalled.is_empty() || self.queue_full() {
+        if !self.stalled.is_empty() || self.queue_full() || self.behind_resync_read(&input) {
             self.stalled.push_back(input);
             return;
         }
         self.submit(input);
+    }
+
+    /// A modification overlapping a full-sync read in flight must wait for the read: the
+    /// read's item takes its place in the stream when the read completes, and it carries
+    /// the data from before the modification, so the modification must come after it.
+    fn behind_resync_read(&self, input: &Input) -> bool {
+        match input {
+            Input::ClientWrite { offset, data, .. } => self
+                .resync_reads
+                .overlaps(*offset, *offset + data.len() as u64),
+            Input::ClientWriteZeroes { offset, len, .. }
+            | Input::ClientTrim { offset, len, .. } => {
+                self.resync_reads.overlaps(*offset, *offset + *len)
+            }
+            _ => false,
+        }
     }
 
     /// Backpressure: the peer is connected and the queue holds `queue_limit` bytes.
@@ -151,6 +173,9 @@ impl Volume {
             kind: item,
         });
         match local {
+            None if bugs::on(Bug::FlushAckBeforeDurable) => {
+                self.local_write_done(req, None, Ok(None));
+            }
             None => {
                 self.issue(Purpose::ClientFlush { req }, DiskKind::Flush);
             }
@@ -186,6 +211,9 @@ impl Volume {
 
     /// Put an item into the ship queue (and on the wire when streaming).
     fn enqueue(&mut self, item: StreamItem) {
+        if !self.streaming && bugs::on(Bug::DropWhileDisconnected) {
+            return;
+        }
         if self.peer_needs_full_sync && self.resync.is_none() {
             // A full sync will cover this item; nothing to keep.
             return;
@@ -235,10 +263,7 @@ impl Volume {
             }
         }
         if let Err(e) = result {
-            self.event(
-                "failure",
-                format!("local write failed ({e}); the client gets an error"),
-            );
+            self.disk_failed("a local write", e);
         }
         self.try_complete(req);
         self.unblock();
@@ -286,7 +311,8 @@ impl Volume {
     }
 
     fn needs_peer(&self, seq: Seq) -> bool {
-        self.cfg.mode == Mode::Sync
+        !bugs::on(Bug::SyncAckBeforePeer)
+            && self.cfg.mode == Mode::Sync
             && self.streaming
             && seq > self.stream_base
             && self.peer_applied < seq
@@ -333,7 +359,10 @@ impl Volume {
         if self.role != Role::Primary {
             return;
         }
-        while !self.stalled.is_empty() && !self.queue_full() {
+        while let Some(front) = self.stalled.front() {
+            if self.queue_full() || self.behind_resync_read(front) {
+                break;
+            }
             let i = self.stalled.pop_front().expect("non-empty");
             self.submit(i);
         }
@@ -368,11 +397,13 @@ impl Volume {
                 return; // retried after the overlapping client write completes
             }
             self.local_inflight.insert(start, end, u64::MAX);
+            self.resync_reads.insert(start, end, 0);
             let r = self.resync.as_mut().expect("resync");
             r.cursor = end;
             r.reads_in_flight += 1;
+            let epoch = r.epoch;
             self.issue(
-                Purpose::ResyncRead { start, len },
+                Purpose::ResyncRead { start, len, epoch },
                 DiskKind::Read { offset: start, len },
             );
         }
@@ -391,12 +422,14 @@ impl Volume {
         &mut self,
         start: u64,
         len: u64,
+        epoch: u64,
         result: Result<Option<Bytes>, IoError>,
     ) {
         self.local_inflight.remove(start);
-        let Some(r) = self.resync.as_mut() else {
+        self.resync_reads.remove(start);
+        let Some(r) = self.resync.as_mut().filter(|r| r.epoch == epoch) else {
             self.unblock();
-            return; // the full sync was abandoned meanwhile
+            return; // the full sync was abandoned or restarted meanwhile
         };
         r.reads_in_flight -= 1;
         match result {
@@ -423,13 +456,8 @@ impl Volume {
                     kind,
                 });
             }
-            Ok(None) | Err(_) => {
-                self.event(
-                    "failure",
-                    format!("full sync: reading {len} bytes at {start} failed; sync abandoned"),
-                );
-                self.resync = None;
-            }
+            Ok(None) => self.disk_failed("a full-sync read", IoError::Io),
+            Err(e) => self.disk_failed("a full-sync read", e),
         }
         self.unblock();
     }
@@ -457,6 +485,13 @@ impl Volume {
         let full = peer.needs_full_sync
             || self.peer_needs_full_sync
             || peer.generation != self.meta.generation;
+        if peer.disk_state == DiskState::Failed {
+            // Whatever the peer applied of a running full sync is gone with its disk.
+            self.streaming = true;
+            self.peer_applied = peer.applied_seq;
+            self.begin_full_sync();
+            return;
+        }
         if !full && peer.applied_seq > self.last_seq {
             self.refuse(format!(
                 "peer {} has applied sequence {} beyond this primary's {}: it holds writes this \
@@ -510,13 +545,24 @@ impl Volume {
         self.release_waiters();
     }
 
-    fn begin_full_sync(&mut self) {
+    pub(crate) fn begin_full_sync(&mut self) {
+        if self.disk_state == DiskState::Failed {
+            // Never read a failed disk to overwrite a peer with it.
+            self.refuse(
+                "the peer needs a full sync, but this node's disk failed: promote the peer \
+                 (demote this node first)"
+                    .into(),
+            );
+            return;
+        }
         let base = self.last_seq;
         self.queue.clear();
         self.queue_bytes = 0;
         self.stream_base = base;
         self.peer_applied = base;
+        self.resync_epoch += 1;
         self.resync = Some(Resync {
+            epoch: self.resync_epoch,
             cursor: 0,
             reads_in_flight: 0,
             total: self.cfg.volume_size,
@@ -530,6 +576,7 @@ impl Volume {
         self.send(Msg::ResyncStart {
             total_bytes: self.cfg.volume_size,
             base_seq: base,
+            generation: self.meta.generation,
         });
         self.persist_meta();
         self.event(

@@ -6,6 +6,7 @@
 //! So a later write never lands before an earlier overlapping one, and a write that the
 //! primary's client issued after seeing another complete never lands before that one.
 
+use crate::bugs::{self, Bug};
 use crate::msg::{ItemKind, Msg, StreamItem};
 use crate::types::*;
 use crate::volume::*;
@@ -38,21 +39,26 @@ impl Volume {
 
     /// Issue every pending item that may start now.
     pub(crate) fn pump_applier(&mut self) {
+        if self.disk_state == DiskState::Failed || self.applier.hold_for_meta {
+            return;
+        }
         while let Some(front) = self.applier.pending.front() {
             if front.seq <= self.applied {
                 self.applier.pending.pop_front();
                 continue;
             }
-            if front.dep > self.applied {
-                break;
-            }
             let range = front.range();
-            if let Some((s, e)) = range {
-                if self.applier.inflight.overlaps(s, e) {
+            if !bugs::on(Bug::ApplyOutOfOrder) {
+                if front.dep > self.applied {
                     break;
                 }
-            } else if self.applier.issued > 0 {
-                break; // a flush waits for everything before it
+                if let Some((s, e)) = range {
+                    if self.applier.inflight.overlaps(s, e) {
+                        break;
+                    }
+                } else if self.applier.issued > 0 {
+                    break; // a flush waits for everything before it
+                }
             }
             let item = self.applier.pending.pop_front().expect("front");
             let seq = item.seq;
@@ -93,11 +99,9 @@ impl Volume {
         }
         if let Err(e) = result {
             // Fail-stop: this image can no longer be trusted as a prefix of the stream.
-            self.disk_state = DiskState::Inconsistent;
-            self.persist_meta();
+            self.disk_failed(&format!("applying sequence {seq}"), e);
             self.protocol_error(format!(
-                "applying sequence {seq} failed on the backing ({e}); the replica is now \
-                 Inconsistent and needs a full sync"
+                "applying sequence {seq} failed on the backing ({e}); the replica needs a full sync"
             ));
             return;
         }
@@ -155,9 +159,7 @@ impl Volume {
     ) {
         self.applier.checkpointing = false;
         if let Err(e) = result {
-            self.event("failure", format!("fsync of the backing failed ({e})"));
-            self.disk_state = DiskState::Inconsistent;
-            self.persist_meta();
+            self.disk_failed("an fsync", e);
             return;
         }
         if self.role == Role::Secondary {
@@ -166,9 +168,9 @@ impl Volume {
                 if upto >= done {
                     self.applier.resync_done_seq = None;
                     self.disk_state = DiskState::UpToDate;
-                    if let Some(p) = &self.peer {
-                        self.meta.generation = p.generation;
-                    }
+                    // The generation of the data just received (not of whoever is
+                    // connected now: the link may have dropped meanwhile).
+                    self.meta.generation = self.applier.resync_generation;
                     if self.conn_state == ConnState::SyncTarget {
                         self.conn_state = ConnState::Connected;
                     }
@@ -224,12 +226,13 @@ impl Volume {
     }
 
     /// The primary starts a full sync: everything up to `base` is covered by it.
-    pub(crate) fn on_resync_start(&mut self, total: u64, base: Seq) {
+    pub(crate) fn on_resync_start(&mut self, total: u64, base: Seq, generation: u64) {
         if self.role == Role::Primary {
             self.protocol_error("peer started a full sync towards this primary".into());
             return;
         }
         self.applier.pending.clear();
+        self.applier.resync_generation = generation;
         self.applier.done_above.clear();
         self.applier.resync_done_seq = None;
         self.applied = base;
@@ -237,6 +240,9 @@ impl Volume {
         self.flushed = base;
         self.durable = base;
         self.disk_state = DiskState::Inconsistent;
+        self.applier.hold_for_meta = true;
+        // Whatever this node held (even writes of its own from before a crash) is replaced.
+        self.crashed_primary = false;
         self.conn_state = ConnState::SyncTarget;
         self.persist_meta();
         self.event(

@@ -26,6 +26,9 @@ pub enum DiskState {
     Outdated,
     /// No local backing device attached.
     Diskless,
+    /// The backing device failed an I/O (fail-stop): this node serves no data and needs a
+    /// full sync once the device is replaced or repaired.
+    Failed,
 }
 
 /// State of the replication connection as seen from one node.

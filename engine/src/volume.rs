@@ -9,9 +9,10 @@
 //! connection handshake in `handshake.rs`; they are all `impl Volume` blocks over the state
 //! declared here.
 
-use crate::meta::{Metadata, FLAG_CLEAN, FLAG_PEER_NEEDS_FULL_SYNC};
+use crate::meta::{Metadata, FLAG_CLEAN, FLAG_CRASHED_PRIMARY, FLAG_PEER_NEEDS_FULL_SYNC};
 use crate::msg::{Hello, Msg, StreamItem, ENGINE_PROTOCOL_VERSION};
 use crate::ranges::RangeSet;
+use crate::roles::PendingPromote;
 use crate::status::{EngineStatus, ResyncStatus};
 use crate::types::*;
 use bytes::Bytes;
@@ -190,6 +191,31 @@ pub enum Output {
     Stopped,
 }
 
+/// See [`Volume::probe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    /// This node's role.
+    pub role: Role,
+    /// This node's disk state.
+    pub disk_state: DiskState,
+    /// Connection state.
+    pub conn: ConnState,
+    /// Primary: the peer receives the stream (sync-mode writes wait for it).
+    pub streaming: bool,
+    /// Primary: a full sync is running.
+    pub resync_running: bool,
+    /// Last sequence issued (primary).
+    pub last_seq: Seq,
+    /// Highest sequence the peer applied (primary).
+    pub peer_applied: Seq,
+    /// Contiguous applied watermark (secondary).
+    pub applied: Seq,
+    /// Items in the ship queue (primary).
+    pub queued: usize,
+    /// Primary: the peer can only be brought up to date by a full sync.
+    pub peer_needs_full_sync: bool,
+}
+
 /// Why a disk operation was issued.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Purpose {
@@ -207,6 +233,8 @@ pub(crate) enum Purpose {
     ResyncRead {
         start: u64,
         len: u64,
+        /// The full sync the read belongs to (a later one may have replaced it).
+        epoch: u64,
     },
     /// Secondary: applying stream item `seq` (range start if it has one).
     Apply {
@@ -220,6 +248,7 @@ pub(crate) enum Purpose {
     },
     Meta {
         applied: Seq,
+        disk_state: DiskState,
     },
 }
 
@@ -253,6 +282,8 @@ pub(crate) struct Queued {
 /// State of a full sync run by the primary.
 #[derive(Debug, Default)]
 pub(crate) struct Resync {
+    /// Distinguishes this full sync from earlier ones whose reads may still complete.
+    pub epoch: u64,
     pub cursor: u64,
     pub reads_in_flight: usize,
     pub total: u64,
@@ -282,6 +313,12 @@ pub(crate) struct Applier {
     pub checkpointing: bool,
     /// Once `applied` reaches this, a full sync is complete.
     pub resync_done_seq: Option<Seq>,
+    /// The generation the full sync under way delivers.
+    pub resync_generation: u64,
+    /// Apply nothing until the metadata saying Inconsistent is durable: a full sync
+    /// overwrites a consistent image, and a crash in between must not leave a half-synced
+    /// disk whose metadata still calls it consistent.
+    pub hold_for_meta: bool,
 }
 
 /// The replication engine of one node for one volume.
@@ -315,6 +352,8 @@ pub struct Volume {
     pub(crate) pending: HashMap<ReqId, PendingClient>,
     pub(crate) wait_peer: BTreeMap<Seq, ReqId>,
     pub(crate) local_inflight: RangeSet,
+    /// Full-sync reads in flight (also in `local_inflight`).
+    pub(crate) resync_reads: RangeSet,
     pub(crate) blocked: VecDeque<Blocked>,
     pub(crate) stalled: VecDeque<Input>,
     pub(crate) queue: VecDeque<Queued>,
@@ -325,6 +364,7 @@ pub struct Volume {
     pub(crate) peer_needs_full_sync: bool,
     pub(crate) resync: Option<Resync>,
     pub(crate) resync_bytes_done: u64,
+    pub(crate) resync_epoch: u64,
     /// This node crashed while primary: its data may hold writes its peer never saw.
     pub(crate) crashed_primary: bool,
 
@@ -340,6 +380,10 @@ pub struct Volume {
     pub(crate) last_ack: (Seq, Seq),
     /// Highest stream sequence received (secondary).
     pub(crate) last_received: Seq,
+
+    // ---- role changes ----
+    pub(crate) pending_promote: Option<PendingPromote>,
+    pub(crate) promote_nonce: u64,
 
     // ---- metadata writes (serialised: the driver alternates slots) ----
     pub(crate) meta_in_flight: bool,
@@ -363,7 +407,9 @@ impl Volume {
     /// A volume starting from its persisted metadata. It always starts as Secondary; an
     /// operator (or a later auto-promote policy) promotes it.
     pub fn new(cfg: VolumeConfig, meta: Metadata) -> Volume {
-        let crashed_primary = meta.role == Role::Primary && !meta.has(FLAG_CLEAN);
+        let crashed_primary = (meta.has(FLAG_CRASHED_PRIMARY)
+            || meta.role == Role::Primary && !meta.has(FLAG_CLEAN))
+            && !crate::bugs::on(crate::bugs::Bug::SkipFullSyncAfterCrash);
         let mut disk_state = meta.disk_state;
         if crashed_primary && disk_state == DiskState::UpToDate {
             // Its image is crash-consistent but may hold writes the peer never received.
@@ -393,6 +439,7 @@ impl Volume {
             pending: HashMap::new(),
             wait_peer: BTreeMap::new(),
             local_inflight: RangeSet::default(),
+            resync_reads: RangeSet::default(),
             blocked: VecDeque::new(),
             stalled: VecDeque::new(),
             queue: VecDeque::new(),
@@ -403,6 +450,7 @@ impl Volume {
             peer_needs_full_sync,
             resync: None,
             resync_bytes_done: 0,
+            resync_epoch: 0,
             crashed_primary,
             applier: Applier::default(),
             applied,
@@ -410,6 +458,8 @@ impl Volume {
             durable: applied,
             last_ack: (applied, applied),
             last_received: applied,
+            pending_promote: None,
+            promote_nonce: 0,
             meta_in_flight: false,
             meta_dirty: false,
             shutting_down: None,
@@ -447,6 +497,22 @@ impl Volume {
     /// This node's role.
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    /// A cheap snapshot of the state a driver or checker looks at often.
+    pub fn probe(&self) -> Probe {
+        Probe {
+            role: self.role,
+            disk_state: self.disk_state,
+            conn: self.conn_state,
+            streaming: self.streaming,
+            resync_running: self.resync.is_some(),
+            last_seq: self.last_seq,
+            peer_applied: self.peer_applied,
+            applied: self.applied,
+            queued: self.queue.len(),
+            peer_needs_full_sync: self.peer_needs_full_sync,
+        }
     }
 
     /// True once the volume stopped after a shutdown.
@@ -524,6 +590,30 @@ impl Volume {
 
     // ------------------------------------------------------------------ helpers
 
+    /// The backing failed an I/O: fail-stop. The disk is detached (`Failed`): this node
+    /// serves no data from it and needs a full sync once it is repaired. The peer is told.
+    pub(crate) fn disk_failed(&mut self, what: &str, e: IoError) {
+        if self.disk_state == DiskState::Failed {
+            return;
+        }
+        self.disk_state = DiskState::Failed;
+        if self.resync.take().is_some() {
+            self.event(
+                "resync",
+                "full sync abandoned: the source disk failed".into(),
+            );
+        }
+        self.event(
+            "failure",
+            format!(
+                "{what} failed on the backing ({e}): the disk is detached (Failed); this node \
+                 serves no data until the disk is repaired and resynced"
+            ),
+        );
+        self.persist_meta();
+        self.send(Msg::Hello(self.hello()));
+    }
+
     pub(crate) fn emit(&mut self, o: Output) {
         self.out.push(o);
     }
@@ -559,6 +649,10 @@ impl Volume {
                 Role::Primary => self.last_seq,
                 Role::Secondary => self.applied,
             },
+            received_seq: match self.role {
+                Role::Primary => self.last_seq,
+                Role::Secondary => self.applied.max(self.last_received),
+            },
             generation: self.meta.generation,
             needs_full_sync: self.needs_full_sync(),
         }
@@ -568,7 +662,7 @@ impl Volume {
     pub(crate) fn needs_full_sync(&self) -> bool {
         matches!(
             self.disk_state,
-            DiskState::Inconsistent | DiskState::Outdated
+            DiskState::Inconsistent | DiskState::Outdated | DiskState::Failed | DiskState::Diskless
         ) || self.crashed_primary
     }
 
@@ -582,6 +676,7 @@ impl Volume {
         };
         self.meta
             .set(FLAG_PEER_NEEDS_FULL_SYNC, self.peer_needs_full_sync);
+        self.meta.set(FLAG_CRASHED_PRIMARY, self.crashed_primary);
         if self.meta_in_flight {
             self.meta_dirty = true;
             return;
@@ -589,8 +684,12 @@ impl Volume {
         self.meta.counter += 1;
         self.meta_in_flight = true;
         let applied = self.meta.applied_seq;
+        let disk_state = self.meta.disk_state;
         self.issue(
-            Purpose::Meta { applied },
+            Purpose::Meta {
+                applied,
+                disk_state,
+            },
             DiskKind::WriteMeta(self.meta.clone()),
         );
     }
@@ -602,6 +701,9 @@ impl Volume {
         };
         match purpose {
             Purpose::ClientRead { req } => {
+                if let Err(e) = result {
+                    self.disk_failed("a client read", e);
+                }
                 if result.is_ok() {
                     self.client_reads += 1;
                 }
@@ -612,17 +714,25 @@ impl Volume {
             }
             Purpose::ClientWrite { req, start } => self.local_write_done(req, Some(start), result),
             Purpose::ClientFlush { req } => self.local_flush_done(req, result),
-            Purpose::ResyncRead { start, len } => self.resync_read_done(start, len, result),
+            Purpose::ResyncRead { start, len, epoch } => {
+                self.resync_read_done(start, len, epoch, result)
+            }
             Purpose::Apply { seq, start, bytes } => self.apply_done(seq, start, bytes, result),
             Purpose::Checkpoint { upto } => self.checkpoint_flush_done(upto, result),
-            Purpose::Meta { applied } => {
+            Purpose::Meta {
+                applied,
+                disk_state,
+            } => {
                 self.meta_in_flight = false;
                 match result {
-                    Ok(_) => self.meta_written(applied),
-                    Err(e) => self.event(
-                        "failure",
-                        format!("metadata write failed ({e}); state is not persisted"),
-                    ),
+                    Ok(_) => {
+                        if disk_state == DiskState::Inconsistent {
+                            // The data may be overwritten now (see `on_resync_start`).
+                            self.applier.hold_for_meta = false;
+                        }
+                        self.meta_written(applied)
+                    }
+                    Err(e) => self.disk_failed("a metadata write", e),
                 }
                 if self.meta_dirty {
                     self.meta_dirty = false;
@@ -650,6 +760,7 @@ impl Volume {
             }
         }
         self.secondary_tick();
+        self.promote_tick();
     }
 
     /// Work that may have become possible after any input.
@@ -665,10 +776,14 @@ impl Volume {
             AdminCmd::Promote {
                 force,
                 new_generation,
-            } => self.promote(force, new_generation),
+            } => match self.promote(token, force, new_generation) {
+                Some(r) => r,
+                None => return, // answered once the peer confirms
+            },
             AdminCmd::Demote => self.demote(),
             AdminCmd::Shutdown => {
                 if self.shutting_down.is_none() {
+                    self.fail_pending_promote("shutting_down", "the daemon is shutting down");
                     self.shutting_down = Some(self.now);
                     self.event("shutdown", "shutdown requested by operator".into());
                 }
@@ -676,123 +791,6 @@ impl Volume {
             }
         };
         self.emit(Output::AdminDone { token, result });
-    }
-
-    fn promote(&mut self, force: bool, new_generation: u64) -> Result<String, AdminError> {
-        if self.role == Role::Primary {
-            return Ok("already primary".into());
-        }
-        if self.shutting_down.is_some() {
-            return Err(err("shutting_down", "the daemon is shutting down".into()));
-        }
-        let Some(peer) = self
-            .peer
-            .clone()
-            .filter(|_| self.conn_state != ConnState::Connecting)
-        else {
-            if force {
-                return Err(err(
-                    "not_supported",
-                    "promote --force without a connected peer is not implemented yet \
-                     (forced takeover comes with generations and bitmaps)"
-                        .into(),
-                ));
-            }
-            return Err(err(
-                "peer_not_connected",
-                "the peer is not connected; a planned promote needs it (wait, or use --force \
-                 when the primary site is lost)"
-                    .into(),
-            ));
-        };
-        if self.conn_state == ConnState::Refused {
-            return Err(err(
-                "refused",
-                format!(
-                    "the connection to the peer was refused: {}",
-                    self.refused_reason.clone().unwrap_or_default()
-                ),
-            ));
-        }
-        if peer.role == Role::Primary {
-            return Err(err(
-                "peer_is_primary",
-                format!(
-                    "peer {} is primary; demote it first (exactly one primary)",
-                    peer.node
-                ),
-            ));
-        }
-        let fresh_pair = self.meta.generation == 0 && peer.generation == 0;
-        if !fresh_pair {
-            if self.applied < peer.applied_seq || self.applier.issued > 0 {
-                return Err(err(
-                    "busy",
-                    format!(
-                        "still catching up: applied {} of the peer's {}",
-                        self.applied, peer.applied_seq
-                    ),
-                ));
-            }
-            if self.needs_full_sync() && !self.crashed_primary {
-                return Err(err(
-                    "not_up_to_date",
-                    format!(
-                        "this node's disk is {:?}; promote the peer, which holds the data",
-                        self.disk_state
-                    ),
-                ));
-            }
-        }
-        self.role = Role::Primary;
-        self.disk_state = DiskState::UpToDate;
-        self.last_seq = self.applied.max(peer.applied_seq);
-        self.completed_max = self.last_seq;
-        self.stream_base = self.last_seq;
-        self.streaming = false;
-        if fresh_pair {
-            self.meta.generation = new_generation;
-            self.peer_needs_full_sync = true;
-        }
-        if self.crashed_primary {
-            self.peer_needs_full_sync = true;
-            self.crashed_primary = false;
-        }
-        self.meta.set(FLAG_CLEAN, false);
-        self.persist_meta();
-        let msg = format!(
-            "promoted to primary by operator{}",
-            if fresh_pair {
-                " (first primary of a new pair: initial full sync to the peer)"
-            } else {
-                ""
-            }
-        );
-        self.event("role", msg.clone());
-        self.send(Msg::Hello(self.hello()));
-        self.start_streaming();
-        Ok(msg)
-    }
-
-    fn demote(&mut self) -> Result<String, AdminError> {
-        if self.role == Role::Secondary {
-            return Ok("already secondary".into());
-        }
-        let busy = self.pending.len() + self.blocked.len() + self.stalled.len();
-        if busy > 0 {
-            return Err(err(
-                "busy",
-                format!("{busy} client writes still in flight; retry when they complete"),
-            ));
-        }
-        self.role = Role::Secondary;
-        self.applied = self.last_seq;
-        self.last_received = self.last_seq;
-        self.meta.set(FLAG_CLEAN, true);
-        self.checkpoint();
-        self.event("role", "demoted to secondary by operator".into());
-        self.send(Msg::Hello(self.hello()));
-        Ok("demoted to secondary".into())
     }
 
     fn check_shutdown(&mut self) {

@@ -158,7 +158,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<bool> {
 
 fn scenario(d: &mut Demo, a: &DemoArgs) -> anyhow::Result<()> {
     let mut toml = format!(
-        "[resource]\nname = \"r0\"\nsize = {}\nmode = \"{}\"\nrun_dir = \"{}\"\n",
+        "[resource]\nname = \"r0\"\nsize = {}\nmode = \"{}\"\nrun_dir = \"{}\"\nfrontend = \"nbd\"\n",
         a.size,
         a.mode,
         d.dir.join("run").display()

@@ -43,6 +43,9 @@ const KIND_RESYNC_DONE: u8 = 5;
 const KIND_PING: u8 = 6;
 const KIND_PONG: u8 = 7;
 const KIND_GOODBYE: u8 = 8;
+const KIND_PROMOTE_REQUEST: u8 = 9;
+const KIND_PROMOTE_GRANT: u8 = 10;
+const KIND_PROMOTE_DENY: u8 = 11;
 
 const OP_WRITE: u8 = 1;
 const OP_ZEROES: u8 = 2;
@@ -64,6 +67,7 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
             w.u8(role_code(h.role));
             w.u8(disk_code(h.disk_state));
             w.u64(h.applied_seq);
+            w.u64(h.received_seq);
             w.u64(h.generation);
             w.u8(h.needs_full_sync as u8);
             (KIND_HELLO, None)
@@ -113,9 +117,11 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
         Msg::ResyncStart {
             total_bytes,
             base_seq,
+            generation,
         } => {
             w.u64(*total_bytes);
             w.u64(*base_seq);
+            w.u64(*generation);
             (KIND_RESYNC_START, None)
         }
         Msg::ResyncDone { seq } => {
@@ -133,6 +139,19 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
         Msg::Goodbye { reason } => {
             w.str(reason);
             (KIND_GOODBYE, None)
+        }
+        Msg::PromoteRequest { nonce } => {
+            w.u64(*nonce);
+            (KIND_PROMOTE_REQUEST, None)
+        }
+        Msg::PromoteGrant { nonce } => {
+            w.u64(*nonce);
+            (KIND_PROMOTE_GRANT, None)
+        }
+        Msg::PromoteDeny { nonce, reason } => {
+            w.u64(*nonce);
+            w.str(reason);
+            (KIND_PROMOTE_DENY, None)
         }
     };
     let body_len = out.len() - start - HEADER;
@@ -316,6 +335,9 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
         KIND_PING => "ping",
         KIND_PONG => "pong",
         KIND_GOODBYE => "goodbye",
+        KIND_PROMOTE_REQUEST => "promote-request",
+        KIND_PROMOTE_GRANT => "promote-grant",
+        KIND_PROMOTE_DENY => "promote-deny",
         k => return Err(FrameError::Kind(k)),
     };
     let bad = |source| FrameError::Body { kind: name, source };
@@ -333,6 +355,7 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
                 role: role_from(r.u8()?)?,
                 disk_state: disk_from(r.u8()?)?,
                 applied_seq: r.u64()?,
+                received_seq: r.u64()?,
                 generation: r.u64()?,
                 needs_full_sync: r.bool()?,
             }),
@@ -382,10 +405,17 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
             KIND_RESYNC_START => Msg::ResyncStart {
                 total_bytes: r.u64()?,
                 base_seq: r.u64()?,
+                generation: r.u64()?,
             },
             KIND_RESYNC_DONE => Msg::ResyncDone { seq: r.u64()? },
             KIND_PING => Msg::Ping { nonce: r.u64()? },
             KIND_PONG => Msg::Pong { nonce: r.u64()? },
+            KIND_PROMOTE_REQUEST => Msg::PromoteRequest { nonce: r.u64()? },
+            KIND_PROMOTE_GRANT => Msg::PromoteGrant { nonce: r.u64()? },
+            KIND_PROMOTE_DENY => Msg::PromoteDeny {
+                nonce: r.u64()?,
+                reason: r.str()?,
+            },
             _ => Msg::Goodbye { reason: r.str()? },
         }))
     })()
@@ -416,6 +446,7 @@ fn disk_code(d: DiskState) -> u8 {
         DiskState::Inconsistent => 3,
         DiskState::Outdated => 4,
         DiskState::Diskless => 5,
+        DiskState::Failed => 6,
     }
 }
 
@@ -426,6 +457,7 @@ fn disk_from(c: u8) -> Result<DiskState, WireError> {
         3 => DiskState::Inconsistent,
         4 => DiskState::Outdated,
         5 => DiskState::Diskless,
+        6 => DiskState::Failed,
         _ => return Err(WireError::Invalid("unknown disk state")),
     })
 }
@@ -444,6 +476,7 @@ mod tests {
                 role: Role::Primary,
                 disk_state: DiskState::UpToDate,
                 applied_seq: 42,
+                received_seq: 43,
                 generation: 0xdead_beef,
                 needs_full_sync: true,
             }),
@@ -489,12 +522,19 @@ mod tests {
             Msg::ResyncStart {
                 total_bytes: 99,
                 base_seq: 3,
+                generation: 0xabc,
             },
             Msg::ResyncDone { seq: 77 },
             Msg::Ping { nonce: 1 },
             Msg::Pong { nonce: 2 },
             Msg::Goodbye {
                 reason: "bye".into(),
+            },
+            Msg::PromoteRequest { nonce: 5 },
+            Msg::PromoteGrant { nonce: 5 },
+            Msg::PromoteDeny {
+                nonce: 6,
+                reason: "no".into(),
             },
         ]
     }

@@ -182,6 +182,23 @@ pub enum DiskIo {
         offset: u64,
         slot: usize,
     },
+    /// Zeroes written as data: the fallback where the backing cannot zero a range with
+    /// fallocate (tmpfs, some filesystems and devices).
+    ZeroFill {
+        offset: u64,
+        len: u64,
+        done: u64,
+        fua: bool,
+    },
+}
+
+/// Largest single write of the zero-fill fallback.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// A shared, aligned chunk of zeroes (never written to).
+fn zeroes() -> &'static Bytes {
+    static Z: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    Z.get_or_init(|| AlignedBuf::zeroed(ZERO_CHUNK).freeze())
 }
 
 /// What a completion meant.
@@ -284,6 +301,18 @@ impl DiskIo {
             DiskIo::Fsync => opcode::Fsync::new(types::Fd(backing))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            DiskIo::ZeroFill {
+                offset,
+                len,
+                done,
+                fua,
+            } => {
+                let n = (*len - *done).min(ZERO_CHUNK as u64) as u32;
+                opcode::Write::new(types::Fd(backing), zeroes().as_ptr(), n)
+                    .offset(*offset + *done)
+                    .rw_flags(if *fua { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            }
             DiskIo::Meta { buf, offset, .. } => {
                 opcode::Write::new(types::Fd(meta), buf.as_mut_ptr(), buf.len() as u32)
                     .offset(*offset)
@@ -325,9 +354,24 @@ impl DiskIo {
                     Step::Done(Ok(None))
                 }
             }
-            DiskIo::Fallocate { mode, fua, .. } => {
-                if res == -libc::EOPNOTSUPP && *mode == PUNCH {
+            DiskIo::Fallocate {
+                offset,
+                len,
+                mode,
+                fua,
+            } => {
+                let unsupported = res == -libc::EOPNOTSUPP || res == -libc::EINVAL;
+                if unsupported && *mode == PUNCH {
                     *mode = ZERO;
+                    return Step::Again;
+                }
+                if unsupported && *mode == ZERO {
+                    *self = DiskIo::ZeroFill {
+                        offset: *offset,
+                        len: *len,
+                        done: 0,
+                        fua: *fua,
+                    };
                     return Step::Again;
                 }
                 if res < 0 {
@@ -338,6 +382,20 @@ impl DiskIo {
                     return Step::Again;
                 }
                 Step::Done(Ok(None))
+            }
+            DiskIo::ZeroFill { len, done, .. } => {
+                if res < 0 {
+                    return err(res);
+                }
+                if res == 0 {
+                    return Step::Done(Err(IoError::Io));
+                }
+                *done += res as u64;
+                if *done < *len {
+                    Step::Again
+                } else {
+                    Step::Done(Ok(None))
+                }
             }
             DiskIo::Fsync => {
                 if res < 0 {

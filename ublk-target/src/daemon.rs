@@ -8,19 +8,22 @@
 //! channels and wake the ring through an eventfd.
 //!
 //! The loop decides nothing about replication: it turns ring completions and socket input
-//! into engine inputs and carries the engine's outputs out.
+//! into engine inputs and carries the engine's outputs out. The ublk frontend's I/O
+//! commands live in the same ring (`ublk_io.rs`).
+
+mod nbd_io;
+mod ublk_io;
+pub use ublk_io::UblkFrontend;
 
 use crate::backend::{Backing, DiskIo, MetaArea, Step};
 use crate::control::ControlCall;
 use crate::link::LinkConn;
 use crate::nbd::handshake::ExportInfo;
-use crate::nbd::transmission::{self as nbdt, Command, RequestParser};
+use crate::nbd::transmission::RequestParser;
 use crate::sendq::SendQueue;
 use crate::wake::Waker;
 use blkrep_common::control::{ControlError, DaemonStatus, Request};
-use blkrep_engine::{
-    AdminCmd, AlignedBuf, ConnId, Input, IoError, OpId, Output, ReqId, Role, Volume,
-};
+use blkrep_engine::{AdminCmd, ConnId, Input, IoError, OpId, Output, ReqId, Role, Volume};
 use blkrep_transport::codec::{self, Decoder};
 use io_uring::{opcode, types, IoUring};
 use std::collections::HashMap;
@@ -89,6 +92,11 @@ enum Op {
         gen: u64,
         _iov: Box<Iov>,
     },
+    /// A ublk FETCH_REQ / COMMIT_AND_FETCH_REQ of one tag.
+    Ublk {
+        q: u16,
+        tag: u16,
+    },
     Wake,
     Timer,
 }
@@ -137,7 +145,9 @@ struct ReqInfo {
 
 /// The event loop.
 pub struct Loop {
+    // Dropped first: no command may still reference the buffers of the fields below.
     ring: IoUring,
+    ublk: Option<UblkFrontend>,
     vol: Volume,
     _backing: Backing,
     backing_fd: RawFd,
@@ -163,18 +173,20 @@ pub struct Loop {
 }
 
 impl Loop {
-    /// A loop over an opened volume.
+    /// A loop over an opened volume, with the ublk device to serve if the frontend is ublk.
     pub fn new(
         vol: Volume,
         backing: Backing,
         meta: MetaArea,
         shared: Shared,
         id: Identity,
+        ublk: Option<UblkFrontend>,
     ) -> anyhow::Result<Loop> {
-        let ring = IoUring::builder().build(RING_ENTRIES)?;
+        let ring = build_ring()?;
         let backing_fd = backing.file.as_raw_fd();
         Ok(Loop {
             ring,
+            ublk,
             vol,
             _backing: backing,
             backing_fd,
@@ -204,6 +216,7 @@ impl Loop {
     pub fn run(mut self) -> anyhow::Result<()> {
         self.post_wake();
         self.post_timer();
+        self.ublk_start();
         self.feed(Input::Tick { now_ns: 0 });
         let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
         let mut stopped_at: Option<Instant> = None;
@@ -212,7 +225,9 @@ impl Loop {
             if self.vol.is_stopped() {
                 // Give the goodbye a moment to leave, but never hang on a stalled peer.
                 let t = *stopped_at.get_or_insert_with(Instant::now);
-                if self.links.iter().all(|l| l.sendq.is_empty()) || t.elapsed() > LINK_LINGER {
+                let quiet = self.links.iter().all(|l| l.sendq.is_empty())
+                    && self.ublk.as_ref().is_none_or(|u| u.quiet());
+                if quiet || t.elapsed() > LINK_LINGER {
                     break;
                 }
             }
@@ -235,6 +250,9 @@ impl Loop {
             }
         }
         tracing::info!("stopped");
+        if let Some(f) = self.ublk.as_ref().and_then(|u| u.failure()) {
+            anyhow::bail!("ublk: {f}");
+        }
         Ok(())
     }
 
@@ -304,6 +322,7 @@ impl Loop {
             Op::NbdSend { key: c, gen, .. } => self.nbd_send_done(c, gen, res),
             Op::LinkRecv { gen } => self.link_recv_done(gen, res),
             Op::LinkSend { gen, .. } => self.link_send_done(gen, res),
+            Op::Ublk { q, tag } => self.ublk_io_done(q, tag, res),
             Op::Wake => {
                 self.post_wake();
                 self.drain_channels();
@@ -330,6 +349,7 @@ impl Loop {
         self.shared
             .read_only
             .store(self.vol.role() != Role::Primary, Ordering::Relaxed);
+        self.ublk_after_feed();
     }
 
     fn output(&mut self, o: Output) {
@@ -394,9 +414,21 @@ impl Loop {
         while let Ok(c) = self.shared.ctl_rx.try_recv() {
             self.control(c);
         }
+        self.ublk_drain();
     }
 
     fn control(&mut self, c: ControlCall) {
+        if c.req == Request::Status {
+            let _ = c.reply.send(Ok(self.status_json()));
+            return;
+        }
+        if let Some(c) = self.ublk_gate(c) {
+            self.admin_call(c);
+        }
+    }
+
+    /// Hand an operator command to the engine; it answers through `c.reply`.
+    fn admin_call(&mut self, c: ControlCall) {
         let cmd = match c.req {
             Request::Status => {
                 let _ = c.reply.send(Ok(self.status_json()));
@@ -424,256 +456,22 @@ impl Loop {
             peer_address: self.id.peer_address.clone(),
             export: self.id.export.clone(),
             export_read_only: self.vol.role() != Role::Primary,
+            frontend: if self.ublk.is_some() { "ublk" } else { "nbd" }.into(),
+            device: self.ublk.as_ref().and_then(|u| u.device()),
+            device_state: self.ublk.as_ref().map(|u| u.state().to_string()),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             engine: self.vol.status(),
         };
         serde_json::to_value(st).unwrap_or_default()
     }
 
-    // ------------------------------------------------------------ NBD clients
-
-    fn add_nbd(&mut self, h: NbdHandoff) {
-        let gen = self.next_gen;
-        self.next_gen += 1;
-        let c = NbdConn {
-            fd: h.fd,
-            gen,
-            size: h.export.size,
-            read_only: h.export.read_only,
-            rbuf: vec![0; NBD_RBUF],
-            rstart: 0,
-            rend: 0,
-            parser: RequestParser::default(),
-            recv_posted: false,
-            sendq: SendQueue::default(),
-            inflight: 0,
-            closing: false,
-            ring_ops: 0,
-        };
-        let key = match self.nbd.iter().position(|s| s.is_none()) {
-            Some(k) => {
-                self.nbd[k] = Some(c);
-                k
-            }
-            None => {
-                self.nbd.push(Some(c));
-                self.nbd.len() - 1
-            }
-        };
-        self.nbd_post_recv(key);
-    }
-
-    fn nbd_post_recv(&mut self, key: usize) {
-        let Some(c) = self.nbd.get_mut(key).and_then(|c| c.as_mut()) else {
-            return;
-        };
-        if c.recv_posted || c.closing || c.inflight >= NBD_MAX_INFLIGHT || c.sendq.len() > 64 << 20
-        {
-            return;
-        }
-        if c.rstart == c.rend {
-            c.rstart = 0;
-            c.rend = 0;
-        }
-        // Make room: compact, and grow for a write bigger than the buffer.
-        let need = nbdt::bytes_needed(&c.rbuf[c.rstart..c.rend]).max(NBD_RBUF);
-        if c.rbuf.len() - c.rstart < need || c.rend == c.rbuf.len() {
-            c.rbuf.copy_within(c.rstart..c.rend, 0);
-            c.rend -= c.rstart;
-            c.rstart = 0;
-            if c.rbuf.len() < need {
-                c.rbuf.resize(need, 0);
-            }
-        }
-        let ptr = c.rbuf[c.rend..].as_mut_ptr();
-        let len = (c.rbuf.len() - c.rend) as u32;
-        c.recv_posted = true;
-        c.ring_ops += 1;
-        let (fd, gen) = (c.fd.as_raw_fd(), c.gen);
-        let op = self.alloc_op(Op::NbdRecv { key, gen });
-        self.push(
-            opcode::Recv::new(types::Fd(fd), ptr, len)
-                .build()
-                .user_data(op as u64),
-        );
-    }
-
-    fn nbd_recv_done(&mut self, key: usize, gen: u64, res: i32) {
-        let Some(c) = self
-            .nbd
-            .get_mut(key)
-            .and_then(|c| c.as_mut())
-            .filter(|c| c.gen == gen)
-        else {
-            return;
-        };
-        c.recv_posted = false;
-        c.ring_ops -= 1;
-        if res <= 0 {
-            if res < 0 && res != -libc::ECONNRESET {
-                tracing::debug!(
-                    "NBD client: recv failed: {}",
-                    std::io::Error::from_raw_os_error(-res)
-                );
-            }
-            c.closing = true;
-            self.nbd_maybe_free(key);
-            return;
-        }
-        c.rend += res as usize;
-        self.nbd_parse(key);
-        self.nbd_post_recv(key);
-        self.nbd_maybe_free(key);
-    }
-
-    fn nbd_parse(&mut self, key: usize) {
-        loop {
-            let Some(c) = self.nbd.get_mut(key).and_then(|c| c.as_mut()) else {
-                return;
-            };
-            if c.closing {
-                return;
-            }
-            let buf = &c.rbuf[c.rstart..c.rend];
-            let (req, used) = match c.parser.parse(buf) {
-                Ok(Some(r)) => r,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!("NBD client: protocol error, closing: {e}");
-                    c.closing = true;
-                    // SAFETY: shutting down our own open socket; wakes the pending recv.
-                    unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
-                    return;
-                }
-            };
-            let data_range = req.data.clone();
-            let start = c.rstart;
-            c.rstart += used;
-            if req.cmd == Command::Disc {
-                c.closing = true;
-                // SAFETY: as above.
-                unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RD) };
-                return;
-            }
-            if let Err(errno) = nbdt::validate(&req, c.size, c.read_only) {
-                nbdt::encode_simple_reply(req.handle, errno, self.scratch_reply());
-                let c = self.nbd[key].as_mut().expect("conn");
-                c.sendq.push_copy(&self.scratch);
-                continue;
-            }
-            let data = data_range
-                .map(|r| AlignedBuf::copy_from(&c.rbuf[start + r.start..start + r.end]).freeze());
-            let fua = req.flags & nbdt::CMD_FLAG_FUA != 0;
-            let rid = self.next_req;
-            self.next_req += 1;
-            c.inflight += 1;
-            self.reqs.insert(
-                rid,
-                ReqInfo {
-                    key,
-                    gen: c.gen,
-                    handle: req.handle,
-                },
-            );
-            let (offset, len) = (req.offset, req.len as u64);
-            let input = match req.cmd {
-                Command::Read => Input::ClientRead {
-                    req: rid,
-                    offset,
-                    len,
-                },
-                Command::Write => Input::ClientWrite {
-                    req: rid,
-                    offset,
-                    data: data.unwrap_or_default(),
-                    fua,
-                },
-                Command::Flush => Input::ClientFlush { req: rid },
-                Command::Trim => Input::ClientTrim {
-                    req: rid,
-                    offset,
-                    len,
-                },
-                Command::WriteZeroes => Input::ClientWriteZeroes {
-                    req: rid,
-                    offset,
-                    len,
-                    fua,
-                },
-                Command::Disc | Command::Unknown(_) => {
-                    // validate() rejects unknown commands; Disc was handled above.
-                    self.reqs.remove(&rid);
-                    let c = self.nbd[key].as_mut().expect("conn");
-                    c.inflight -= 1;
-                    continue;
-                }
-            };
-            self.feed(input);
-        }
-    }
-
-    fn scratch_reply(&mut self) -> &mut Vec<u8> {
-        self.scratch.clear();
-        &mut self.scratch
-    }
+    // ------------------------------------------------------------ clients
 
     fn complete_client(&mut self, req: ReqId, result: Result<Option<bytes::Bytes>, IoError>) {
-        let Some(info) = self.reqs.remove(&req) else {
-            return;
-        };
-        let (errno, data) = match result {
-            Ok(d) => (0, d),
-            Err(e) => (e.errno() as u32, None),
-        };
-        nbdt::encode_simple_reply(info.handle, errno, self.scratch_reply());
-        let Some(c) = self
-            .nbd
-            .get_mut(info.key)
-            .and_then(|c| c.as_mut())
-            .filter(|c| c.gen == info.gen)
-        else {
-            return; // the client went away meanwhile
-        };
-        c.inflight -= 1;
-        c.sendq.push_copy(&self.scratch);
-        if let Some(d) = data {
-            c.sendq.push_shared(d);
-        }
-        let key = info.key;
-        self.nbd_post_recv(key);
-        self.nbd_maybe_free(key);
-    }
-
-    fn nbd_send_done(&mut self, key: usize, gen: u64, res: i32) {
-        let Some(c) = self
-            .nbd
-            .get_mut(key)
-            .and_then(|c| c.as_mut())
-            .filter(|c| c.gen == gen)
-        else {
-            return;
-        };
-        c.ring_ops -= 1;
-        if res < 0 {
-            c.sendq.complete(0);
-            c.closing = true;
-            // SAFETY: shutting down our own open socket.
-            unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        if req & ublk_io::UBLK_REQ != 0 {
+            self.ublk_complete(req, result)
         } else {
-            c.sendq.complete(res as usize);
-        }
-        self.nbd_post_recv(key);
-        self.nbd_maybe_free(key);
-    }
-
-    fn nbd_maybe_free(&mut self, key: usize) {
-        if let Some(c) = self.nbd.get(key).and_then(|c| c.as_ref()) {
-            if c.closing && c.ring_ops == 0 && (c.inflight == 0) && !c.sendq.busy() {
-                if !c.sendq.is_empty() {
-                    return; // flush_sends will post the rest
-                }
-                self.nbd[key] = None;
-            }
+            self.nbd_complete(req, result)
         }
     }
 
@@ -897,6 +695,33 @@ impl Loop {
                     .user_data(op as u64),
             );
         }
+    }
+}
+
+/// The loop's ring. Only this thread submits and completions are reaped only in
+/// `submit_and_wait`, so task work can be deferred to that point (fewer interrupts and
+/// context switches: DEFER_TASKRUN, 6.1). Older kernels refuse the flags: fall back.
+fn build_ring() -> std::io::Result<IoUring> {
+    let cq = RING_ENTRIES * 4;
+    match IoUring::builder()
+        .setup_cqsize(cq)
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(RING_ENTRIES)
+    {
+        Ok(r) => Ok(r),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::debug!("io_uring without DEFER_TASKRUN: {e}");
+            match IoUring::builder()
+                .setup_cqsize(cq)
+                .setup_coop_taskrun()
+                .build(RING_ENTRIES)
+            {
+                Ok(r) => Ok(r),
+                Err(_) => IoUring::builder().build(RING_ENTRIES),
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 

@@ -1,8 +1,9 @@
 //! blkrepd: the blkrep daemon.
 //!
-//! Frontends (NBD today, ublk next) feed client requests into the replication engine
-//! (`blkrep-engine`); an io_uring event loop performs the engine's disk operations on the
-//! backing device and carries its messages over the replication link (`blkrep-transport`).
+//! A frontend (a kernel block device through ublk, or an NBD export) feeds client requests
+//! into the replication engine (`blkrep-engine`); an io_uring event loop performs the
+//! engine's disk operations on the backing device and carries its messages over the
+//! replication link (`blkrep-transport`).
 
 pub mod backend;
 pub mod control;
@@ -11,4 +12,5 @@ pub mod link;
 pub mod nbd;
 pub mod sendq;
 pub mod serve;
+pub mod ublk;
 pub mod wake;

@@ -2,18 +2,24 @@
 
 use crate::backend::{Backing, MetaArea};
 use crate::control;
-use crate::daemon::{Identity, Loop, NbdHandoff, Shared};
+use crate::daemon::{Identity, Loop, NbdHandoff, Shared, UblkFrontend};
 use crate::link;
 use crate::nbd::handshake::{negotiate, ExportInfo, Negotiated};
+use crate::ublk::ctrl::Control;
+use crate::ublk::device::{self, Settings};
+use crate::ublk::helper::{self, Finished};
+use crate::ublk::queue::IoQueues;
+use crate::ublk::sys::{Encoding, UBLK_F_CMD_IOCTL_ENCODE};
 use crate::wake::Waker;
 use anyhow::Context;
-use blkrep_common::config::{Config, NbdListen};
-use blkrep_engine::{Volume, VolumeConfig};
+use blkrep_common::config::{Config, Frontend, NbdListen, UBLK_CONTROL};
+use blkrep_engine::{Role, Volume, VolumeConfig};
 use blkrep_transport::handshake::LinkIdentity;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +39,11 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         );
     }
     let (meta_area, meta) = MetaArea::open(&me.metadata, name, node, size)?;
+    let was_primary = meta.role == Role::Primary;
+    let frontend = cfg
+        .resource
+        .frontend
+        .resolve(Path::new(UBLK_CONTROL).exists());
 
     // Bind everything before serving, so that a port in use is a clear startup error.
     let ctl_path = cfg.control_socket(node);
@@ -41,7 +52,10 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
     let link_listener = TcpListener::bind(&me.address)
         .with_context(|| format!("replication address {} (node.address)", me.address))?;
     let nbd = cfg.nbd_listen(node);
-    let (nbd_listener, export_uri) = bind_nbd(&nbd, name)?;
+    let nbd_bound = match frontend {
+        Frontend::Ublk => None,
+        _ => Some(bind_nbd(&nbd, name)?),
+    };
 
     let waker = Waker::new()?;
     let (nbd_tx, nbd_rx) = crossbeam_channel::unbounded();
@@ -52,6 +66,13 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
 
     spawn_signal_thread(ctl_tx.clone(), waker.clone());
+    let (ublk, ublk_setup) = match frontend {
+        Frontend::Ublk => {
+            let (f, s) = attach_ublk(cfg, node, was_primary, waker.clone())?;
+            (Some(f), Some(s))
+        }
+        _ => (None, None),
+    };
     control::spawn(ctl, ctl_path.clone(), ctl_tx, waker.clone());
     let id = LinkIdentity {
         resource: name.clone(),
@@ -69,14 +90,21 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
             waker.clone(),
         );
     }
-    spawn_nbd_acceptor(
-        nbd_listener,
-        name.clone(),
-        size,
-        read_only.clone(),
-        nbd_tx,
-        waker.clone(),
-    );
+    let export_uri = match (&nbd_bound, &ublk_setup) {
+        (Some((_, uri)), _) => uri.clone(),
+        (None, Some(u)) => device::block_path(u.dev_id),
+        (None, None) => String::new(),
+    };
+    if let Some((listener, _)) = nbd_bound {
+        spawn_nbd_acceptor(
+            listener,
+            name.clone(),
+            size,
+            read_only.clone(),
+            nbd_tx,
+            waker.clone(),
+        );
+    }
 
     let mut vcfg = VolumeConfig::new(node, name, size, cfg.resource.mode);
     vcfg.queue_limit = cfg.resource.queue_limit;
@@ -103,13 +131,107 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         peer_address: peer.address.clone(),
         export: export_uri,
     };
-    let r = Loop::new(vol, backing, meta_area, shared, ident)?.run();
+    // The loop (its ring, the tag buffers, the char device) is gone once this returns.
+    let r = Loop::new(vol, backing, meta_area, shared, ident, ublk).and_then(|l| l.run());
     stop.store(true, Ordering::Relaxed);
+    if let Some(u) = ublk_setup {
+        u.finish();
+    }
     let _ = std::fs::remove_file(&ctl_path);
-    if let NbdListen::Unix(p) = &nbd {
+    if let (NbdListen::Unix(p), Frontend::Nbd) = (&nbd, frontend) {
         let _ = std::fs::remove_file(p);
     }
     r
+}
+
+/// What `run` keeps of a ublk device to clean up after the loop.
+struct UblkSetup {
+    dev_id: u32,
+    record: PathBuf,
+    recovered: bool,
+    helper: std::thread::JoinHandle<Finished>,
+}
+
+/// Create this node's ublk device, or take over the one a crashed daemon left; map its
+/// queues and start the `ublk-ctl` helper. Nothing is left behind on failure (a device
+/// being recovered stays as it was, for the next attempt).
+fn attach_ublk(
+    cfg: &Config,
+    node: &str,
+    was_primary: bool,
+    waker: Waker,
+) -> anyhow::Result<(UblkFrontend, UblkSetup)> {
+    let shape = cfg.ublk_shape(node);
+    let record = cfg.ublk_record(node);
+    let mut ctrl = Control::open()?;
+    let settings = Settings {
+        queues: shape.queues,
+        depth: shape.depth,
+        size: cfg.resource.size,
+        owner: device::owner_tag(&cfg.resource.name, node),
+        record: record.clone(),
+    };
+    let a = device::attach(&mut ctrl, &settings)?;
+    let info = a.info;
+    let encoding = if info.flags & UBLK_F_CMD_IOCTL_ENCODE != 0 {
+        Encoding::Ioctl
+    } else {
+        Encoding::Legacy
+    };
+    let queues = match IoQueues::new(
+        a.cdev,
+        info.nr_hw_queues,
+        info.queue_depth,
+        info.max_io_buf_bytes as usize,
+        encoding,
+    ) {
+        Ok(q) => q,
+        Err(e) => {
+            if !a.recovered {
+                if let Err(d) = device::delete(&mut ctrl, info.dev_id, &record) {
+                    tracing::error!("{d}");
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    let (link, helper) = helper::spawn(ctrl, info.dev_id, waker);
+    let hold = a.recovered && was_primary;
+    Ok((
+        UblkFrontend::new(queues, info.dev_id, a.recovered, hold, link),
+        UblkSetup {
+            dev_id: info.dev_id,
+            record,
+            recovered: a.recovered,
+            helper,
+        },
+    ))
+}
+
+impl UblkSetup {
+    /// After the loop (the char device is closed): delete the device if the loop stopped
+    /// it or never started a new one; leave a device that still holds I/O for a restarted
+    /// daemon to recover.
+    fn finish(self) {
+        let path = device::block_path(self.dev_id);
+        match self.helper.join() {
+            Ok(Finished {
+                mut ctrl,
+                stopped,
+                started,
+            }) if stopped || (!started && !self.recovered) => {
+                match device::delete(&mut ctrl, self.dev_id, &self.record) {
+                    Ok(()) => tracing::info!("ublk: removed {path}"),
+                    Err(e) => tracing::error!("ublk: removing {path}: {e}"),
+                }
+            }
+            Ok(_) => tracing::warn!(
+                "ublk: leaving {path} for a restarted daemon to recover (record {})",
+                self.record.display()
+            ),
+            Err(_) => tracing::error!("ublk: the ublk-ctl thread panicked; {path} is left as is"),
+        }
+    }
 }
 
 enum NbdListener {

@@ -96,7 +96,7 @@ impl Pair {
             format!("127.0.0.1:{}", free_port()),
         ];
         let mut toml = format!(
-            "[resource]\nname = \"r0\"\nsize = {size}\nmode = \"{mode}\"\nrun_dir = \"{}\"\n",
+            "[resource]\nname = \"r0\"\nsize = {size}\nmode = \"{mode}\"\nrun_dir = \"{}\"\nfrontend = \"nbd\"\n",
             d.join("run").display()
         );
         for (i, n) in names.iter().enumerate() {

@@ -1,0 +1,165 @@
+//! The operator and the faults: promote/demote/stop at random moments, crashes (power loss:
+//! unflushed writes lost, in-flight ones torn, metadata updates torn) and restarts.
+
+use super::*;
+
+impl World {
+    // ------------------------------------------------------------------ operator and faults
+
+    pub(super) fn operator(&mut self) {
+        if !self.liveness {
+            let d = self.rng.range(100, self.faults.operator_every_ms.max(101)) * MS;
+            self.at(d, Ev::Operator);
+        }
+        let i = self.rng.below(2) as usize;
+        if !self.alive(i) {
+            return;
+        }
+        let r = self.rng.below(100);
+        let cmd = match r {
+            0..=49 => AdminCmd::Promote {
+                force: self.rng.chance(0.1),
+                new_generation: self.rng.next_u64() | 1,
+            },
+            50..=89 => AdminCmd::Demote,
+            _ => {
+                if self.faults.clean_restarts {
+                    self.nodes[i].stopping = true;
+                    AdminCmd::Shutdown
+                } else {
+                    AdminCmd::Demote
+                }
+            }
+        };
+        self.log(|| format!("operator on {}: {cmd:?}", NODES[i]));
+        self.input(i, Input::Admin { token: 1, cmd });
+    }
+
+    pub(super) fn crash(&mut self, i: usize) {
+        if !self.liveness && self.faults.crash_every_ms > 0 {
+            let f = self.faults.crash_every_ms;
+            let d = self.rng.range(f / 2, f * 3 / 2) * MS;
+            self.at(d, Ev::Crash(i));
+        }
+        if !self.alive(i) || self.liveness {
+            return;
+        }
+        self.stats.crashes += 1;
+        let was_primary = self.nodes[i].role == Role::Primary;
+        self.log(|| format!("CRASH {} (primary: {was_primary})", NODES[i]));
+        let other = 1 - i;
+        // Sync mode: the surviving site holds every write acknowledged under protection.
+        if was_primary && self.alive(other) {
+            let p = self.nodes[other].vol.as_ref().expect("alive").probe();
+            if matches!(p.disk_state, DiskState::UpToDate | DiskState::Consistent)
+                && !self.nodes[other].suspect
+            {
+                self.stats.sync_loss_checks += 1;
+                let cs = self.contents(other);
+                for (s, c) in cs.into_iter().enumerate() {
+                    if !self.ops.at_least(s, c, self.protected[s]) {
+                        let need = self.protected[s];
+                        return self.fail(violation(
+                            "sync-write-lost",
+                            format!(
+                                "primary {} lost; the survivor {} holds {c:?} at sector {s}, but version {need} was acknowledged in sync mode",
+                                NODES[i], NODES[other]
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        self.protected.iter_mut().for_each(|p| *p = 0);
+        self.protection_gap = true;
+        // Power loss: in-flight writes may land in part, unflushed ones may be lost.
+        let mut in_flight = Vec::new();
+        let mut meta_in_flight = None;
+        for p in self.nodes[i].ops.values() {
+            match &p.kind {
+                DiskKind::Write { offset, data, .. } => {
+                    in_flight.push((*offset, data.len() as u64, Some(data.to_vec())))
+                }
+                DiskKind::WriteZeroes { offset, len, .. } | DiskKind::Trim { offset, len } => {
+                    in_flight.push((*offset, *len, None))
+                }
+                DiskKind::WriteMeta(m) => meta_in_flight = Some(m.clone()),
+                _ => {}
+            }
+        }
+        let mut rng = self.rng.fork();
+        let n = &mut self.nodes[i];
+        n.disk.crash(&mut rng, &in_flight);
+        if let Some(m) = meta_in_flight {
+            // A torn metadata update: each sector of the slot old or new.
+            let slot = 1 - n.meta_slot;
+            let new = m.encode_slot().expect("metadata encodes");
+            for (k, sec) in new.chunks(SECTOR as usize).enumerate() {
+                if rng.chance(0.5) {
+                    let at = slot * SLOT_SIZE + k * SECTOR as usize;
+                    n.meta[at..at + SECTOR as usize].copy_from_slice(sec);
+                }
+            }
+        }
+        // What the client of a primary was promised durable must have survived.
+        if let Some(m) = self.nodes[i].model.take() {
+            self.stats.durability_checks += 1;
+            let cs = self.durable_contents(i);
+            for (s, c) in cs.into_iter().enumerate() {
+                if !self.ops.at_least(s, c, m.durable[s]) {
+                    let need = m.durable[s];
+                    return self.fail(violation(
+                        "flushed-write-lost",
+                        format!(
+                            "after the crash of primary {} sector {s} holds {c:?}, but version {need} had been made durable (flush or FUA acknowledged)",
+                            NODES[i]
+                        ),
+                    ));
+                }
+            }
+        }
+        let n = &mut self.nodes[i];
+        n.vol = None;
+        n.ops.clear();
+        n.inc += 1;
+        n.horizon = n.received;
+        n.suspect = n.suspect || was_primary;
+        self.drop_requests(i);
+        let reset = self.rng.chance(0.5);
+        self.node_gone(i, reset);
+        let d = self.rng.range(200, 5000) * MS;
+        self.at(d, Ev::Restart(i));
+    }
+
+    pub(super) fn restart(&mut self, i: usize) {
+        if self.alive(i) {
+            return;
+        }
+        let (meta, _) = match Metadata::decode_area(&self.nodes[i].meta) {
+            Ok(x) => x,
+            Err(e) => {
+                return self.fail(violation(
+                    "metadata-lost",
+                    format!("{}: metadata unreadable after a crash: {e}", NODES[i]),
+                ))
+            }
+        };
+        if meta.role == Role::Secondary
+            && matches!(meta.disk_state, DiskState::UpToDate | DiskState::Consistent)
+            && !self.nodes[i].suspect
+        {
+            self.stats.durability_checks += 1;
+            let cs = self.contents(i);
+            if let Err(v) = self.stream.check_durable(&cs, meta.applied_seq) {
+                return self.fail(v);
+            }
+        }
+        self.log(|| {
+            format!(
+                "RESTART {} (metadata: {:?} {:?} applied {})",
+                NODES[i], meta.role, meta.disk_state, meta.applied_seq
+            )
+        });
+        self.start_node(i);
+    }
+}

@@ -1,0 +1,669 @@
+//! The simulated world: two nodes (engine + disk + metadata area), the network between
+//! them, clients, an operator, and the faults — all driven by one seeded generator and a
+//! virtual clock, one event at a time.
+
+use crate::config::{Faults, SimConfig};
+use crate::disk::{content, fill_sector, Content, SimDisk, SECTOR};
+use crate::model::{violation, Ops, PrimaryModel, Stream, Violation};
+use crate::rng::Rng;
+use blkrep_engine::meta::{Metadata, AREA_SIZE, SLOT_SIZE};
+use blkrep_engine::msg::{ItemKind, Msg};
+use blkrep_engine::{
+    AdminCmd, ConnId, DiskKind, DiskState, Input, IoError, Mode, OpId, Output, Probe, ReqId, Role,
+    Volume, VolumeConfig,
+};
+use blkrep_transport::codec::{self, Decoder};
+use bytes::Bytes;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+mod clients;
+mod faults;
+mod net;
+mod run;
+
+const MS: u64 = 1_000_000;
+const SEC: u64 = 1_000_000_000;
+const NODES: [&str; 2] = ["alpha", "beta"];
+
+/// Something that happens at a point of virtual time.
+#[derive(Clone, Debug)]
+enum Ev {
+    Tick(usize),
+    DiskDone {
+        node: usize,
+        inc: u64,
+        op: OpId,
+    },
+    Deliver {
+        conn: ConnId,
+        to: usize,
+        frame: Vec<u8>,
+    },
+    PeerClosed {
+        conn: ConnId,
+        to: usize,
+    },
+    Connect,
+    Client(usize),
+    Operator,
+    Crash(usize),
+    Restart(usize),
+    Partition,
+    Heal,
+    Reset,
+    Stall,
+}
+
+/// A disk operation in flight.
+struct DiskPending {
+    kind: DiskKind,
+    marker: u64,
+    fail: bool,
+}
+
+/// A client request in flight.
+#[derive(Clone, Debug)]
+struct ClientReq {
+    op: u64,
+    kind: ReqKind,
+    first: usize,
+    n: usize,
+    fua: bool,
+    /// Reads: the floor each sector had when the read was issued (primary only).
+    floors: Option<Vec<u64>>,
+    /// The node was primary when it issued the request.
+    on_primary: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReqKind {
+    Read,
+    Write,
+    Zeroes,
+    Trim,
+    Flush,
+}
+
+struct Node {
+    vol: Option<Volume>,
+    inc: u64,
+    disk: SimDisk,
+    meta: Vec<u8>,
+    meta_slot: usize,
+    ops: BTreeMap<OpId, DiskPending>,
+    reqs: BTreeMap<ReqId, ClientReq>,
+    last_tick: u64,
+    role: Role,
+    model: Option<PrimaryModel>,
+    /// Restarted after a crash as primary: its image holds writes nobody else saw until a
+    /// full sync replaces it.
+    suspect: bool,
+    /// Restarted after a crash: prefix checks wait until it re-applied this far.
+    horizon: u64,
+    /// Highest stream sequence delivered to it.
+    received: u64,
+    stopping: bool,
+}
+
+struct Conn {
+    id: ConnId,
+    open: [bool; 2],
+    dec: [Decoder; 2],
+    last: [u64; 2],
+    /// What TCP keeps retransmitting while the network is partitioned, per receiver, in
+    /// order: frames, and a close (FIN/RST) as `None`. Delivered when the partition heals,
+    /// unless the connection is given up first.
+    held: [Vec<Option<Vec<u8>>>; 2],
+}
+
+/// Counters for the coverage report.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Stats {
+    pub steps: u64,
+    pub sim_seconds: f64,
+    pub client_writes_ok: u64,
+    pub client_reads_ok: u64,
+    pub client_errors: u64,
+    pub flushes_ok: u64,
+    pub crashes: u64,
+    pub clean_restarts: u64,
+    pub partitions: u64,
+    pub resets: u64,
+    pub stalls: u64,
+    pub garbage_frames: u64,
+    pub disk_errors: u64,
+    pub connects: u64,
+    pub promotes_ok: u64,
+    pub promotes_refused: u64,
+    pub demotes_ok: u64,
+    pub full_syncs: u64,
+    pub stream_items: u64,
+    pub prefix_checks: u64,
+    pub read_checks: u64,
+    pub sync_loss_checks: u64,
+    pub durability_checks: u64,
+    pub liveness_seconds: f64,
+    pub liveness_connects: u64,
+}
+
+/// One simulation run.
+pub struct World {
+    cfg: SimConfig,
+    faults: Faults,
+    rng: Rng,
+    now: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Ev>,
+    next_ev: u64,
+    nodes: [Node; 2],
+    conn: Option<Conn>,
+    next_conn: ConnId,
+    partitioned: bool,
+    next_op: u64,
+    next_req: ReqId,
+    ops: Ops,
+    stream: Stream,
+    /// Newest version per sector acknowledged while sync mode protected it.
+    protected: Vec<u64>,
+    /// A node crashed and the primary has not noticed yet: acknowledgements still arriving
+    /// from before the crash describe writes that were lost with the crashed node's cache,
+    /// so completions now do not count as protected (two failures, not one).
+    protection_gap: bool,
+    stats: Stats,
+    trace: Option<Vec<String>>,
+    liveness: bool,
+    out: Vec<Output>,
+    failure: Option<Violation>,
+}
+
+fn slot_area(meta: &Metadata) -> Vec<u8> {
+    let mut a = meta.encode_slot().expect("metadata encodes");
+    a.resize(AREA_SIZE, 0);
+    a
+}
+
+impl World {
+    /// A world for `cfg`; `trace` collects a readable line per event.
+    pub fn new(cfg: SimConfig, trace: bool) -> World {
+        let mut rng = Rng::new(cfg.seed);
+        let faults = Faults::draw(&mut rng, &cfg);
+        let sectors = (cfg.volume_size / SECTOR) as usize;
+        let mk = |i: usize| {
+            let meta = Metadata::new("sim", NODES[i], cfg.volume_size, 100 + i as u64);
+            Node {
+                vol: None,
+                inc: 0,
+                disk: SimDisk::new(cfg.volume_size),
+                meta: slot_area(&meta),
+                meta_slot: 0,
+                ops: BTreeMap::new(),
+                reqs: BTreeMap::new(),
+                last_tick: 0,
+                role: Role::Secondary,
+                model: None,
+                suspect: false,
+                horizon: 0,
+                received: 0,
+                stopping: false,
+            }
+        };
+        let mut w = World {
+            faults,
+            rng,
+            now: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            next_ev: 0,
+            nodes: [mk(0), mk(1)],
+            conn: None,
+            next_conn: 1,
+            partitioned: false,
+            next_op: 1,
+            next_req: 1,
+            ops: Ops::new(sectors),
+            stream: Stream::new(sectors),
+            protected: vec![0; sectors],
+            protection_gap: false,
+            stats: Stats::default(),
+            trace: trace.then(Vec::new),
+            liveness: false,
+            out: Vec::new(),
+            failure: None,
+            cfg,
+        };
+        for i in 0..2 {
+            w.start_node(i);
+            let d = w.rng.range(0, 100) * MS;
+            w.at(d, Ev::Tick(i));
+            let d = w.rng.range(0, 5) * MS;
+            w.at(d, Ev::Client(i));
+        }
+        let d = w.rng.range(1, 50) * MS;
+        w.at(d, Ev::Connect);
+        let d = w.rng.range(50, 500) * MS;
+        w.at(d, Ev::Operator);
+        w.schedule_faults();
+        w
+    }
+
+    fn log(&mut self, f: impl FnOnce() -> String) {
+        if let Some(t) = &mut self.trace {
+            t.push(format!("{:>10.6}s {}", self.now as f64 / 1e9, f()));
+        }
+    }
+
+    /// The trace collected so far.
+    pub fn trace(&self) -> &[String] {
+        self.trace.as_deref().unwrap_or(&[])
+    }
+
+    /// Coverage counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    fn at(&mut self, delay: u64, ev: Ev) {
+        let id = self.next_ev;
+        self.next_ev += 1;
+        self.events.insert(id, ev);
+        self.queue.push(Reverse((self.now + delay, id)));
+    }
+
+    fn schedule_faults(&mut self) {
+        let f = self.faults.clone();
+        if f.crash_every_ms > 0 {
+            for i in 0..2 {
+                let d = self
+                    .rng
+                    .range(f.crash_every_ms / 2, f.crash_every_ms * 3 / 2)
+                    * MS;
+                self.at(d, Ev::Crash(i));
+            }
+        }
+        if f.partition_every_ms > 0 {
+            let d = self.rng.range(1, f.partition_every_ms) * MS;
+            self.at(d, Ev::Partition);
+        }
+        if f.reset_every_ms > 0 {
+            let d = self.rng.range(1, f.reset_every_ms) * MS;
+            self.at(d, Ev::Reset);
+        }
+        if f.stall_every_ms > 0 {
+            let d = self.rng.range(1, f.stall_every_ms) * MS;
+            self.at(d, Ev::Stall);
+        }
+    }
+
+    // ------------------------------------------------------------------ node life cycle
+
+    fn volume_config(&self, i: usize) -> VolumeConfig {
+        let mut v = VolumeConfig::new(NODES[i], "sim", self.cfg.volume_size, self.cfg.mode);
+        v.queue_limit = self.faults.queue_limit;
+        v.resync_chunk = self.cfg.resync_chunk;
+        v.resync_depth = 4;
+        v.checkpoint_bytes = self.faults.checkpoint_bytes;
+        v.checkpoint_interval_ns = 200 * MS;
+        v
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let (meta, slot) = match Metadata::decode_area(&self.nodes[i].meta) {
+            Ok(x) => x,
+            Err(e) => panic!("unreachable: metadata undecodable is checked at restart: {e}"),
+        };
+        let vol = Volume::new(self.volume_config(i), meta);
+        let n = &mut self.nodes[i];
+        n.meta_slot = slot;
+        n.vol = Some(vol);
+        n.inc += 1;
+        n.role = Role::Secondary;
+        n.model = None;
+        n.stopping = false;
+        n.last_tick = 0;
+        self.input(i, Input::Tick { now_ns: self.now });
+    }
+
+    fn alive(&self, i: usize) -> bool {
+        self.nodes[i].vol.is_some()
+    }
+
+    // ------------------------------------------------------------------ engine plumbing
+
+    fn input(&mut self, i: usize, input: Input) {
+        let Some(vol) = self.nodes[i].vol.as_mut() else {
+            return;
+        };
+        if self.now.saturating_sub(self.nodes[i].last_tick) >= MS
+            && !matches!(input, Input::Tick { .. })
+        {
+            self.nodes[i].last_tick = self.now;
+            vol.handle(Input::Tick { now_ns: self.now }, &mut self.out);
+        }
+        if let Input::Tick { .. } = input {
+            self.nodes[i].last_tick = self.now;
+        }
+        vol.handle(input, &mut self.out);
+        let outs = std::mem::take(&mut self.out);
+        for o in outs {
+            self.output(i, o);
+        }
+        self.after_input(i);
+    }
+
+    fn after_input(&mut self, i: usize) {
+        let Some(vol) = self.nodes[i].vol.as_ref() else {
+            return;
+        };
+        let (role, probe, stopped) = (vol.role(), vol.probe(), vol.is_stopped());
+        if role != self.nodes[i].role {
+            self.nodes[i].role = role;
+            if role == Role::Primary {
+                // Its image defines the data from now on.
+                self.nodes[i].suspect = false;
+                self.nodes[i].horizon = 0;
+                // Baseline: what the node holds now is what its clients will see.
+                let versions = self.contents(i).into_iter().map(Ops::version_of).collect();
+                self.nodes[i].model = Some(PrimaryModel::baseline(versions));
+            } else {
+                self.nodes[i].model = None;
+                self.left_primary(i, probe);
+            }
+        }
+        if stopped {
+            if role == Role::Primary {
+                self.left_primary(i, probe);
+            }
+            self.log(|| format!("{} stopped cleanly", NODES[i]));
+            self.nodes[i].vol = None;
+            self.nodes[i].ops.clear();
+            self.drop_requests(i);
+            self.node_gone(i, true);
+            self.stats.clean_restarts += 1;
+            let d = self.rng.range(10, 2000) * MS;
+            self.at(d, Ev::Restart(i));
+        }
+    }
+
+    /// Node `i` stops being primary. Unless its peer had applied every sequence it issued,
+    /// its image holds data the observed stream does not explain (the truth, which its peer
+    /// gets by a full sync), so the replica checks leave it alone until it is resynced.
+    fn left_primary(&mut self, i: usize, p: Probe) {
+        if p.peer_applied < p.last_seq || p.peer_needs_full_sync || p.last_seq > self.stream.max_seq
+        {
+            self.nodes[i].suspect = true;
+        }
+    }
+
+    fn output(&mut self, i: usize, o: Output) {
+        match o {
+            Output::Disk(d) => {
+                let n = &mut self.nodes[i];
+                let marker = n.disk.flush_marker();
+
+                let mut lat = self.rng.range(20, 400) * 1000;
+                if self.rng.chance(self.faults.slow_disk) {
+                    lat += self.rng.range(10, 800) * MS;
+                }
+                let inc = n.inc;
+                self.log(|| format!("{} disk op {} {:?}", NODES[i], d.op, brief(&d.kind)));
+                self.nodes[i].ops.insert(
+                    d.op,
+                    DiskPending {
+                        kind: d.kind,
+                        marker,
+                        fail: false,
+                    },
+                );
+                self.at(
+                    lat,
+                    Ev::DiskDone {
+                        node: i,
+                        inc,
+                        op: d.op,
+                    },
+                );
+            }
+            Output::Send { conn, msg } => self.send(i, conn, msg),
+            Output::Close { conn, reason } => {
+                self.log(|| format!("{} closes conn {conn}: {reason}", NODES[i]));
+                self.close_side(i, conn);
+            }
+            Output::Complete { req, result } => self.complete(i, req, result),
+            Output::AdminDone { token, result } => {
+                let _ = token;
+                match &result {
+                    Ok(m) => {
+                        self.log(|| format!("{} admin ok: {m}", NODES[i]));
+                        if m.starts_with("promoted") {
+                            self.stats.promotes_ok += 1;
+                        } else if m.starts_with("demoted") {
+                            self.stats.demotes_ok += 1;
+                        }
+                    }
+                    Err(e) => {
+                        if e.code != "shutting_down" {
+                            self.stats.promotes_refused += 1;
+                        }
+                        self.log(|| {
+                            format!("{} admin refused: {} {}", NODES[i], e.code, e.message)
+                        });
+                    }
+                }
+            }
+            Output::Event(e) => {
+                if e.kind == "resync" && e.message.starts_with("full sync to the peer started") {
+                    self.stats.full_syncs += 1;
+                }
+                self.log(|| format!("{} event {}: {}", NODES[i], e.kind, e.message));
+            }
+            Output::Stopped => {}
+        }
+    }
+
+    // ------------------------------------------------------------------ disks
+
+    /// Whether the disk operation completing now on node `i` fails. One failure at a
+    /// time: a disk fails only while the other node holds an up-to-date copy and this one
+    /// owes it nothing (two lost copies need an operator to choose the data).
+    fn disk_fails(&mut self, i: usize) -> bool {
+        let other_ok = self.nodes[1 - i]
+            .vol
+            .as_ref()
+            .is_some_and(|v| v.probe().disk_state == DiskState::UpToDate)
+            && !self.nodes[1 - i].suspect
+            && !self.nodes[i]
+                .vol
+                .as_ref()
+                .is_some_and(|v| v.probe().resync_running || v.probe().peer_needs_full_sync);
+        !self.liveness
+            && i == self.faults.disk_error_node
+            && other_ok
+            && self.rng.chance(self.faults.disk_error)
+    }
+
+    fn disk_done(&mut self, i: usize, inc: u64, op: OpId) {
+        if self.nodes[i].inc != inc {
+            return; // the node crashed meanwhile
+        }
+        let Some(mut p) = self.nodes[i].ops.remove(&op) else {
+            return;
+        };
+        p.fail = self.disk_fails(i);
+        if p.fail {
+            self.log(|| format!("{} disk op {op} fails", NODES[i]));
+        }
+        let n = &mut self.nodes[i];
+        let result: Result<Option<Bytes>, IoError> = match p.kind {
+            DiskKind::Read { offset, len } => {
+                if p.fail {
+                    Err(IoError::Io)
+                } else {
+                    Ok(Some(Bytes::from(n.disk.read(offset, len))))
+                }
+            }
+            DiskKind::Write { offset, data, fua } => {
+                if p.fail {
+                    // A failed write may have landed in part.
+                    let k = self.rng.below(data.len() as u64 / SECTOR + 1) * SECTOR;
+                    if k > 0 {
+                        n.disk.write(offset, k, Some(&data[..k as usize]), false);
+                    }
+                    Err(IoError::Io)
+                } else {
+                    n.disk.write(offset, data.len() as u64, Some(&data), fua);
+                    Ok(None)
+                }
+            }
+            DiskKind::WriteZeroes { offset, len, fua } => {
+                if p.fail {
+                    Err(IoError::Io)
+                } else {
+                    n.disk.write(offset, len, None, fua);
+                    Ok(None)
+                }
+            }
+            DiskKind::Trim { offset, len } => {
+                if p.fail {
+                    Err(IoError::Io)
+                } else {
+                    n.disk.write(offset, len, None, false);
+                    Ok(None)
+                }
+            }
+            DiskKind::Flush => {
+                if p.fail {
+                    Err(IoError::Io)
+                } else {
+                    n.disk.flush(p.marker);
+                    Ok(None)
+                }
+            }
+            DiskKind::WriteMeta(m) => {
+                if p.fail {
+                    Err(IoError::Io)
+                } else {
+                    let slot = 1 - n.meta_slot;
+                    let bytes = m.encode_slot().expect("metadata encodes");
+                    n.meta[slot * SLOT_SIZE..(slot + 1) * SLOT_SIZE].copy_from_slice(&bytes);
+                    n.meta_slot = slot;
+                    Ok(None)
+                }
+            }
+        };
+        if p.fail {
+            self.stats.disk_errors += 1;
+        }
+        self.input(i, Input::DiskDone { op, result });
+    }
+
+    fn contents(&self, i: usize) -> Vec<Content> {
+        self.nodes[i]
+            .disk
+            .image()
+            .chunks(SECTOR as usize)
+            .enumerate()
+            .map(|(s, b)| content(b, s as u64))
+            .collect()
+    }
+
+    fn durable_contents(&self, i: usize) -> Vec<Content> {
+        self.nodes[i]
+            .disk
+            .durable_image()
+            .chunks(SECTOR as usize)
+            .enumerate()
+            .map(|(s, b)| content(b, s as u64))
+            .collect()
+    }
+
+    // ------------------------------------------------------------------ checks
+
+    fn check_replica(&mut self) {
+        for (i, name) in NODES.iter().enumerate() {
+            let Some(vol) = self.nodes[i].vol.as_ref() else {
+                continue;
+            };
+            let p = vol.probe();
+            let n = &self.nodes[i];
+            if p.role != Role::Secondary
+                || !matches!(p.disk_state, DiskState::UpToDate | DiskState::Consistent)
+                || n.suspect
+                || p.applied < n.horizon
+                || self.stream.items == 0
+            {
+                continue;
+            }
+            self.stats.prefix_checks += 1;
+            let cs = self.contents(i);
+            if let Err(mut v) = self.stream.check_prefix(&cs, p.applied) {
+                v.detail = format!("{name}: {}", v.detail);
+                return self.fail(v);
+            }
+        }
+    }
+
+    fn fail(&mut self, v: Violation) {
+        self.log(|| format!("VIOLATION {v}"));
+        if self.failure.is_none() {
+            self.failure = Some(v);
+        }
+    }
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn brief(k: &DiskKind) -> String {
+    match k {
+        DiskKind::Read { offset, len } => format!("read {}+{}", offset / SECTOR, len / SECTOR),
+        DiskKind::Write { offset, data, fua } => format!(
+            "write {}+{}{}",
+            offset / SECTOR,
+            data.len() as u64 / SECTOR,
+            if *fua { " fua" } else { "" }
+        ),
+        DiskKind::WriteZeroes { offset, len, .. } => {
+            format!("zeroes {}+{}", offset / SECTOR, len / SECTOR)
+        }
+        DiskKind::Trim { offset, len } => format!("trim {}+{}", offset / SECTOR, len / SECTOR),
+        DiskKind::Flush => "flush".into(),
+        DiskKind::WriteMeta(m) => format!(
+            "meta applied {} role {:?} {:?} flags {}",
+            m.applied_seq, m.role, m.disk_state, m.flags
+        ),
+    }
+}
+
+fn brief_msg(m: &Msg) -> String {
+    match m {
+        Msg::Item(it) => {
+            let what = match &it.kind {
+                ItemKind::Write { offset, data, .. } => {
+                    format!("write {}+{}", offset / SECTOR, data.len() as u64 / SECTOR)
+                }
+                ItemKind::WriteZeroes { offset, len, .. } => {
+                    format!("zeroes {}+{}", offset / SECTOR, len / SECTOR)
+                }
+                ItemKind::Trim { offset, len } => {
+                    format!("trim {}+{}", offset / SECTOR, len / SECTOR)
+                }
+                ItemKind::Flush => "flush".into(),
+            };
+            format!(
+                "item {} dep {}{} {what}",
+                it.seq,
+                it.dep,
+                if it.resync { " resync" } else { "" }
+            )
+        }
+        Msg::Hello(h) => format!(
+            "hello {:?} {:?} applied {} gen {:x} full {}",
+            h.role, h.disk_state, h.applied_seq, h.generation, h.needs_full_sync
+        ),
+        other => format!("{other:?}"),
+    }
+}
