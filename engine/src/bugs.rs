@@ -20,16 +20,20 @@ pub enum Bug {
     DropWhileDisconnected = 1 << 3,
     /// A primary that crashed resumes its peer by sequence instead of the full sync it owes.
     SkipFullSyncAfterCrash = 1 << 4,
+    /// A planned promote takes effect at once, on the node's possibly stale view of its
+    /// peer, without the peer's confirmation (the road to a split brain).
+    PromoteUnconfirmed = 1 << 5,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 5] = [
+    pub const ALL: [Bug; 6] = [
         Bug::ApplyOutOfOrder,
         Bug::SyncAckBeforePeer,
         Bug::FlushAckBeforeDurable,
         Bug::DropWhileDisconnected,
         Bug::SkipFullSyncAfterCrash,
+        Bug::PromoteUnconfirmed,
     ];
 
     /// The name used on command lines.
@@ -40,6 +44,7 @@ impl Bug {
             Bug::FlushAckBeforeDurable => "flush-ack-before-durable",
             Bug::DropWhileDisconnected => "drop-while-disconnected",
             Bug::SkipFullSyncAfterCrash => "skip-full-sync-after-crash",
+            Bug::PromoteUnconfirmed => "promote-unconfirmed",
         }
     }
 

@@ -580,6 +580,18 @@ impl World {
     // ------------------------------------------------------------------ checks
 
     fn check_replica(&mut self) {
+        // Exactly one primary: without a forced takeover (not implemented yet) two nodes
+        // must never both accept writes.
+        if self
+            .nodes
+            .iter()
+            .all(|n| n.vol.as_ref().is_some_and(|v| v.role() == Role::Primary))
+        {
+            return self.fail(violation(
+                "two-primaries",
+                "both nodes are primary at the same time (split brain)".into(),
+            ));
+        }
         for (i, name) in NODES.iter().enumerate() {
             let Some(vol) = self.nodes[i].vol.as_ref() else {
                 continue;
