@@ -3,6 +3,8 @@
 #   --vm   also what the VM scenarios (test-vm/) need: qemu, a static busybox, cpio, xz,
 #          e2fsprogs, iproute2, jq, binutils. Outside CI a failure to install these is only
 #          reported (test-vm/run.sh then skips with the reason); with CI=true it is an error.
+#          And drbd-utils (DRBD 8.4's drbdsetup-84 for the VM benchmark, test-vm/bench.sh),
+#          without its recommended mail tools; a failure there is only reported.
 set -euo pipefail
 vm=0
 for a in "$@"; do
@@ -56,6 +58,11 @@ if [ ${#vm_need[@]} -gt 0 ] && ! apt_install "${vm_need[@]}"; then
     exit 1
   fi
   echo "install-deps: could not install ${vm_need[*]}; the VM scenarios will be skipped" >&2
+fi
+# Only the VM benchmark needs drbd-utils (it recommends a mail transport agent: not wanted).
+if [ "$vm" = 1 ] && [ ! -x /lib/drbd/drbdsetup-84 ] &&
+   ! apt_install --no-install-recommends drbd-utils; then
+  echo "install-deps: could not install drbd-utils; the VM benchmark will have no DRBD contenders" >&2
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -24,12 +24,12 @@ cargo build --workspace --bins --locked
 echo "== tests"
 mkdir -p target
 set +e
-cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee target/test.log
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee target/test.log
 rc=${PIPESTATUS[0]}
 set -e
 echo "== simulator (release): the CI budget of seeds, and every planted bug caught"
 set +e
-cargo test --release --locked -p blkrep-sim -- --ignored --nocapture 2>&1 | tee target/test-sim.log
+cargo test --release --locked --no-fail-fast -p blkrep-sim -- --ignored --nocapture 2>&1 | tee target/test-sim.log
 sim_rc=${PIPESTATUS[0]}
 set -e
 [ "$rc" != 0 ] || rc=$sim_rc

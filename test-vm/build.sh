@@ -28,6 +28,12 @@ BASE_MODULES="loop veth sch_netem crc32c_generic ext4"
 EXTRA_MODULES="ublk_drv nbd drbd"
 # Host programs copied into the guest (with the libraries ldd lists).
 TOOLS="bash fio jq ip tc mke2fs e2fsck"
+# DRBD 8.4's user-space tools from Debian's drbd-utils, for the benchmark scenario (bench.sh
+# compares blkrep with the kernel's drbd module). Optional: without drbd-utils on the host the
+# image is built without them and only the DRBD contenders of the benchmark cannot run. In
+# the guest they are /usr/bin/drbdsetup-84, drbdadm-84 and drbdmeta, and `drbdsetup` is the
+# 8.4 tool (drbdmeta runs `drbdsetup` to see whether the minor is in use).
+DRBD_TOOLS="/lib/drbd/drbdsetup-84 /lib/drbd/drbdadm-84 /sbin/drbdmeta"
 
 cargo_build=1
 while [ $# -gt 0 ]; do
@@ -267,6 +273,15 @@ done
 plan_busybox
 for t in $TOOLS; do plan_tool "$t"; done
 plan link mke2fs /usr/bin/mkfs.ext4
+if [ -x /lib/drbd/drbdsetup-84 ] && [ -x /sbin/drbdmeta ]; then
+  for t in $DRBD_TOOLS; do
+    plan file "$(readlink -f "$t")" "/usr/bin/$(basename "$t")"
+    plan_libs "$t"
+  done
+  plan link drbdsetup-84 /usr/bin/drbdsetup
+else
+  say "drbd-utils is not installed: the image has no DRBD 8.4 tools (only the benchmark needs them; bash scripts/install-deps.sh --vm)"
+fi
 for b in blkrep blkrepd blkrep-tools; do
   plan file "$BIN_DIR/$b" "/usr/bin/$b"
   plan_libs "$BIN_DIR/$b"

@@ -183,6 +183,8 @@ impl Volume {
             }
         }
         self.persist_meta();
+        // The full sync may have become complete while this checkpoint was in flight.
+        self.check_resync_target_done();
     }
 
     pub(crate) fn meta_written(&mut self, applied: Seq) {
