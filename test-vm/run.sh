@@ -10,9 +10,12 @@
 #   --ci          the same; a missing kernel or tool is then an error, never a skip
 #                 (also when CI=true)
 #   --pending     the scenarios marked `# vm-scenario: pending` (written ahead of the code)
+#                 (scenarios marked otherwise, e.g. `bench`, run only when named)
 #   --list        list the scenarios with their marks and timeouts
 #   --no-build    do not run build.sh first
 #   --timeout S   override every scenario's timeout (header `# vm-timeout: S`, default 600)
+#   --append ARGS more kernel command line for the scenario to read from /proc/cmdline,
+#                 e.g. --append "bench.rounds=5 bench.delay=5ms" (see scenarios/bench.sh)
 #   -v            stream each guest's console while it runs
 # Environment: BLKREP_VM_MEM (MiB, default 2048), BLKREP_VM_SMP (default 2), and build.sh's.
 # Exit status: 0 all passed (or skipped outside CI), 1 a scenario failed or timed out.
@@ -28,7 +31,7 @@ BOOT_MARGIN=90 # seconds on top of a scenario's timeout: boot, the guest's own t
 
 strict=0
 [ "${CI:-}" = true ] && strict=1
-build=1 verbose=0 timeout_override="" select=""
+build=1 verbose=0 timeout_override="" select="" append=""
 names=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -38,6 +41,7 @@ while [ $# -gt 0 ]; do
     --list) select=list; shift ;;
     --no-build) build=0; shift ;;
     --timeout) timeout_override=$2; shift 2 ;;
+    --append) append=$2; shift 2 ;;
     -v|--verbose) verbose=1; shift ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     -*) echo "run.sh: unknown option $1" >&2; exit 2 ;;
@@ -118,7 +122,7 @@ run_one() { # scenario
     qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$SMP" -m "$MEM" \
       -nographic -monitor none -serial "file:$log" -no-reboot -nic none \
       -kernel "$OUT/vmlinuz" -initrd "$OUT/initramfs.cpio" \
-      -append "console=ttyS0,115200 panic=-1 quiet blkrep.scenario=$s blkrep.token=$token blkrep.timeout=$timeout" \
+      -append "console=ttyS0,115200 panic=-1 quiet blkrep.scenario=$s blkrep.token=$token blkrep.timeout=$timeout${append:+ $append}" \
       </dev/null 2>"$log.qemu" || qrc=$?
   took=$(($(ms_now) - start))
   [ -n "$tail_pid" ] && kill "$tail_pid" 2>/dev/null

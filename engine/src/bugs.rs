@@ -15,8 +15,9 @@ pub enum Bug {
     SyncAckBeforePeer = 1 << 1,
     /// A client flush completes before the local fsync returns.
     FlushAckBeforeDurable = 1 << 2,
-    /// While the peer is away, writes are not kept for it (stand-in for "skip marking the
-    /// bitmap while disconnected" until bitmaps exist).
+    /// While the peer is away, writes are not kept for it, and the resume trusts the queue
+    /// to hold the whole gap (stand-in for "skip marking the bitmap while disconnected"
+    /// until bitmaps exist).
     DropWhileDisconnected = 1 << 3,
     /// A primary that crashed resumes its peer by sequence instead of the full sync it owes.
     SkipFullSyncAfterCrash = 1 << 4,

@@ -501,11 +501,13 @@ impl Volume {
             return;
         }
         let from = peer.applied_seq;
-        let covered = from >= self.stream_base
-            && from <= self.last_seq
-            && self.queue.front().is_none_or(|q| q.item.seq <= from + 1)
-            && (self.queue.back().map_or(from, |q| q.item.seq) == self.last_seq
-                || from == self.last_seq);
+        // The queue covers the peer's gap only if it holds every item after its position.
+        let covered = bugs::on(Bug::DropWhileDisconnected)
+            || from >= self.stream_base
+                && from <= self.last_seq
+                && self.queue.front().is_none_or(|q| q.item.seq <= from + 1)
+                && (self.queue.back().map_or(from, |q| q.item.seq) == self.last_seq
+                    || from == self.last_seq);
         self.streaming = true;
         self.peer_applied = from;
         if full && !(covered && self.resync.is_some()) {
