@@ -133,8 +133,8 @@ impl Metadata {
         body.extend_from_slice(&self.node_uuid.to_le_bytes());
         body.extend_from_slice(&self.generation.to_le_bytes());
         body.extend_from_slice(&self.applied_seq.to_le_bytes());
-        body.push(role_code(self.role));
-        body.push(disk_code(self.disk_state));
+        body.push(self.role.code());
+        body.push(self.disk_state.code());
         body.extend_from_slice(&self.flags.to_le_bytes());
         let mut slot = Vec::with_capacity(SLOT_SIZE);
         slot.extend_from_slice(&MAGIC);
@@ -173,8 +173,8 @@ impl Metadata {
             node_uuid: r.u64()?,
             generation: r.u64()?,
             applied_seq: r.u64()?,
-            role: role_from(r.u8()?)?,
-            disk_state: disk_from(r.u8()?)?,
+            role: Role::from_code(r.u8()?).ok_or(MetaError::Corrupt)?,
+            disk_state: DiskState::from_code(r.u8()?).ok_or(MetaError::Corrupt)?,
             flags: r.u32()?,
         };
         Ok(m)
@@ -273,41 +273,6 @@ impl Reader<'_> {
         let n = self.u8()? as usize;
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| MetaError::Corrupt)
     }
-}
-
-fn role_code(r: Role) -> u8 {
-    match r {
-        Role::Primary => 1,
-        Role::Secondary => 2,
-    }
-}
-fn role_from(c: u8) -> Result<Role, MetaError> {
-    match c {
-        1 => Ok(Role::Primary),
-        2 => Ok(Role::Secondary),
-        _ => Err(MetaError::Corrupt),
-    }
-}
-fn disk_code(d: DiskState) -> u8 {
-    match d {
-        DiskState::UpToDate => 1,
-        DiskState::Consistent => 2,
-        DiskState::Inconsistent => 3,
-        DiskState::Outdated => 4,
-        DiskState::Diskless => 5,
-        DiskState::Failed => 6,
-    }
-}
-fn disk_from(c: u8) -> Result<DiskState, MetaError> {
-    Ok(match c {
-        1 => DiskState::UpToDate,
-        2 => DiskState::Consistent,
-        3 => DiskState::Inconsistent,
-        4 => DiskState::Outdated,
-        5 => DiskState::Diskless,
-        6 => DiskState::Failed,
-        _ => return Err(MetaError::Corrupt),
-    })
 }
 
 #[cfg(test)]

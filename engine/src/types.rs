@@ -31,6 +31,52 @@ pub enum DiskState {
     Failed,
 }
 
+impl Role {
+    /// The byte that stands for this role in metadata and on the wire (stable forever).
+    pub fn code(self) -> u8 {
+        match self {
+            Role::Primary => 1,
+            Role::Secondary => 2,
+        }
+    }
+
+    /// The role a stored or received byte stands for.
+    pub fn from_code(c: u8) -> Option<Role> {
+        match c {
+            1 => Some(Role::Primary),
+            2 => Some(Role::Secondary),
+            _ => None,
+        }
+    }
+}
+
+impl DiskState {
+    /// The byte that stands for this state in metadata and on the wire (stable forever).
+    pub fn code(self) -> u8 {
+        match self {
+            DiskState::UpToDate => 1,
+            DiskState::Consistent => 2,
+            DiskState::Inconsistent => 3,
+            DiskState::Outdated => 4,
+            DiskState::Diskless => 5,
+            DiskState::Failed => 6,
+        }
+    }
+
+    /// The state a stored or received byte stands for.
+    pub fn from_code(c: u8) -> Option<DiskState> {
+        Some(match c {
+            1 => DiskState::UpToDate,
+            2 => DiskState::Consistent,
+            3 => DiskState::Inconsistent,
+            4 => DiskState::Outdated,
+            5 => DiskState::Diskless,
+            6 => DiskState::Failed,
+            _ => return None,
+        })
+    }
+}
+
 /// State of the replication connection as seen from one node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -64,8 +64,8 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
             w.str(&h.node);
             w.str(&h.resource);
             w.u64(h.volume_size);
-            w.u8(role_code(h.role));
-            w.u8(disk_code(h.disk_state));
+            w.u8(h.role.code());
+            w.u8(h.disk_state.code());
             w.u64(h.applied_seq);
             w.u64(h.received_seq);
             w.u64(h.generation);
@@ -352,8 +352,9 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
                 node: r.str()?,
                 resource: r.str()?,
                 volume_size: r.u64()?,
-                role: role_from(r.u8()?)?,
-                disk_state: disk_from(r.u8()?)?,
+                role: Role::from_code(r.u8()?).ok_or(WireError::Invalid("unknown role"))?,
+                disk_state: DiskState::from_code(r.u8()?)
+                    .ok_or(WireError::Invalid("unknown disk state"))?,
                 applied_seq: r.u64()?,
                 received_seq: r.u64()?,
                 generation: r.u64()?,
@@ -422,44 +423,6 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
     .map_err(bad)??;
     r.finish().map_err(bad)?;
     Ok(msg)
-}
-
-fn role_code(r: Role) -> u8 {
-    match r {
-        Role::Primary => 1,
-        Role::Secondary => 2,
-    }
-}
-
-fn role_from(c: u8) -> Result<Role, WireError> {
-    match c {
-        1 => Ok(Role::Primary),
-        2 => Ok(Role::Secondary),
-        _ => Err(WireError::Invalid("unknown role")),
-    }
-}
-
-fn disk_code(d: DiskState) -> u8 {
-    match d {
-        DiskState::UpToDate => 1,
-        DiskState::Consistent => 2,
-        DiskState::Inconsistent => 3,
-        DiskState::Outdated => 4,
-        DiskState::Diskless => 5,
-        DiskState::Failed => 6,
-    }
-}
-
-fn disk_from(c: u8) -> Result<DiskState, WireError> {
-    Ok(match c {
-        1 => DiskState::UpToDate,
-        2 => DiskState::Consistent,
-        3 => DiskState::Inconsistent,
-        4 => DiskState::Outdated,
-        5 => DiskState::Diskless,
-        6 => DiskState::Failed,
-        _ => return Err(WireError::Invalid("unknown disk state")),
-    })
 }
 
 #[cfg(test)]

@@ -14,6 +14,15 @@ const EPERM: u32 = 1;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 
+fn resize(path: &std::path::Path, size: u64) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+}
+
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -77,12 +86,7 @@ fn short_backing_and_missing_or_foreign_metadata_are_refused() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("create-md"), "{}", stderr(&out));
     // Backing smaller than the resource: create-md refuses.
-    std::fs::File::options()
-        .write(true)
-        .open(p.backing(0))
-        .unwrap()
-        .set_len(8 * MIB)
-        .unwrap();
+    resize(&p.backing(0), 8 * MIB);
     let out = p.blkrep(0, &["create-md"]);
     assert!(!out.status.success());
     assert!(
@@ -91,28 +95,13 @@ fn short_backing_and_missing_or_foreign_metadata_are_refused() {
         stderr(&out)
     );
     // The daemon refuses too, when the backing shrank after create-md.
-    std::fs::File::options()
-        .write(true)
-        .open(p.backing(0))
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
+    resize(&p.backing(0), 16 * MIB);
     p.ok(0, &["create-md"]);
-    std::fs::File::options()
-        .write(true)
-        .open(p.backing(0))
-        .unwrap()
-        .set_len(4 * MIB)
-        .unwrap();
+    resize(&p.backing(0), 4 * MIB);
     let out = p.blkrep(0, &["up"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("needs 16777216"), "{}", stderr(&out));
-    std::fs::File::options()
-        .write(true)
-        .open(p.backing(0))
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
+    resize(&p.backing(0), 16 * MIB);
     // create-md does not overwrite valid metadata without --force.
     let out = p.blkrep(0, &["create-md"]);
     assert!(!out.status.success());
