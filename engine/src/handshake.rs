@@ -41,7 +41,7 @@ impl Volume {
                 base_seq,
                 generation,
             } => self.on_resync_start(total_bytes, base_seq, generation),
-            Msg::ResyncDone { seq } => self.on_resync_done(seq),
+            Msg::ResyncDone { seq, generation } => self.on_resync_done(seq, generation),
             Msg::Ping { nonce } => self.send(Msg::Pong { nonce }),
             Msg::Pong { .. } => {}
             Msg::Goodbye { reason } => {

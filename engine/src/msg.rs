@@ -111,7 +111,12 @@ pub enum Msg {
         generation: u64,
     },
     /// Primary to secondary: the full sync is complete once every item `<= seq` is applied.
-    ResyncDone { seq: Seq },
+    ResyncDone {
+        seq: Seq,
+        /// The data generation the target holds once it has applied everything `<= seq`
+        /// (repeated here: the target may have restarted since the sync began).
+        generation: u64,
+    },
     /// Liveness probe; answered with [`Msg::Pong`] carrying the same nonce.
     Ping { nonce: u64 },
     /// Answer to [`Msg::Ping`].

@@ -413,7 +413,8 @@ impl Volume {
             let seq = *r.done_seq.get_or_insert(last_seq);
             if !r.done_sent {
                 r.done_sent = true;
-                self.send(Msg::ResyncDone { seq });
+                let generation = self.meta.generation;
+                self.send(Msg::ResyncDone { seq, generation });
             }
         }
     }

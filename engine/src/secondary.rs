@@ -253,11 +253,12 @@ impl Volume {
         );
     }
 
-    pub(crate) fn on_resync_done(&mut self, seq: Seq) {
+    pub(crate) fn on_resync_done(&mut self, seq: Seq, generation: u64) {
         if self.role == Role::Primary {
             return;
         }
         self.applier.resync_done_seq = Some(seq);
+        self.applier.resync_generation = generation;
         self.check_resync_target_done();
     }
 }

@@ -124,8 +124,9 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
             w.u64(*generation);
             (KIND_RESYNC_START, None)
         }
-        Msg::ResyncDone { seq } => {
+        Msg::ResyncDone { seq, generation } => {
             w.u64(*seq);
+            w.u64(*generation);
             (KIND_RESYNC_DONE, None)
         }
         Msg::Ping { nonce } => {
@@ -408,7 +409,10 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
                 base_seq: r.u64()?,
                 generation: r.u64()?,
             },
-            KIND_RESYNC_DONE => Msg::ResyncDone { seq: r.u64()? },
+            KIND_RESYNC_DONE => Msg::ResyncDone {
+                seq: r.u64()?,
+                generation: r.u64()?,
+            },
             KIND_PING => Msg::Ping { nonce: r.u64()? },
             KIND_PONG => Msg::Pong { nonce: r.u64()? },
             KIND_PROMOTE_REQUEST => Msg::PromoteRequest { nonce: r.u64()? },
@@ -487,7 +491,10 @@ mod tests {
                 base_seq: 3,
                 generation: 0xabc,
             },
-            Msg::ResyncDone { seq: 77 },
+            Msg::ResyncDone {
+                seq: 77,
+                generation: 0xabc,
+            },
             Msg::Ping { nonce: 1 },
             Msg::Pong { nonce: 2 },
             Msg::Goodbye {
