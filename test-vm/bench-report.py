@@ -183,6 +183,24 @@ def report(meta, done, rows, log):
             per = [ra[k] / rb[k] for k in sorted(ra) if k in rb and rb[k]]
             goal = verdict(med, per) if b != "loop" else ""
             out.append(f"| {JOB_TITLES.get(j, j)} | {title} | {med:.2f} | {mmm(per)} | {goal} |")
+
+    out.append("")
+    out.append("#### Per round")
+    out.append("")
+    out.append(
+        "The headline figure of every job. Run order: round 1 loop (4k, then 1 MiB), "
+        "blkrep-async (4k, 1 MiB), blkrep-sync, drbd-A, drbd-C, then round 2, ...: a column "
+        "that moves together shows the machine, not the contender."
+    )
+    out.append("")
+    out.append("| job | contender | " + " | ".join(f"round {k}" for k in rounds) + " |")
+    out.append("|---|---|" + "---|" * len(rounds))
+    for j in jobs:
+        unit = "IOPS" if HEADLINE.get(j, "iops") == "iops" else "MiB/s"
+        for c in contenders:
+            vals = {r["round"]: r[HEADLINE.get(j, "iops")] for r in by[(j, c)]}
+            cells = [fmt(vals[k]) if k in vals else "–" for k in rounds]
+            out.append(f"| {j} ({unit}) | {c} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 

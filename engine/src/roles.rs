@@ -16,6 +16,8 @@ pub(crate) struct PendingPromote {
     pub nonce: u64,
     pub new_generation: u64,
     pub since: u64,
+    /// The peer confirmed; the disk is being flushed before the role is taken.
+    pub granted: bool,
 }
 
 /// How long a promote waits for the peer's answer, nanoseconds.
@@ -52,6 +54,7 @@ impl Volume {
             nonce,
             new_generation,
             since: self.now,
+            granted: false,
         });
         self.send(Msg::PromoteRequest { nonce });
         None
@@ -168,23 +171,54 @@ impl Volume {
 
     /// The peer answered our promote request.
     pub(crate) fn on_promote_answer(&mut self, nonce: u64, answer: Result<(), String>) {
-        if self.pending_promote.as_ref().map(|p| p.nonce) != Some(nonce) {
+        if self
+            .pending_promote
+            .as_ref()
+            .is_none_or(|p| p.nonce != nonce || p.granted)
+        {
             return; // an answer to a request given up already
         }
+        match answer {
+            Ok(()) => {
+                // What this node applied as a secondary may sit in its disk's cache. Make
+                // it durable before serving as primary: a crash of the new primary must not
+                // lose writes its old primary had flushed (its image would become the
+                // truth its peer is resynced from).
+                self.pending_promote.as_mut().expect("pending").granted = true;
+                self.issue(Purpose::PromoteFlush, DiskKind::Flush);
+            }
+            Err(reason) => {
+                let p = self.pending_promote.take().expect("pending promote");
+                self.emit(Output::AdminDone {
+                    token: p.token,
+                    result: Err(err(
+                        "peer_refused",
+                        format!("the peer refused the promote: {reason}"),
+                    )),
+                });
+            }
+        }
+    }
+
+    /// The flush before taking the primary role completed.
+    pub(crate) fn promote_flush_done(&mut self, result: Result<Option<bytes::Bytes>, IoError>) {
+        if !self.pending_promote.as_ref().is_some_and(|p| p.granted) {
+            return; // given up meanwhile (link lost, timeout, shutdown)
+        }
+        if let Err(e) = result {
+            self.disk_failed("the flush before promotion", e);
+            self.fail_pending_promote("disk_failed", "the disk failed while preparing the promote");
+            return;
+        }
+        self.flushed = self.flushed.max(self.applied);
         let p = self.pending_promote.take().expect("pending promote");
-        let result = match answer {
-            Ok(()) => match self.promote_check(false) {
-                Ok(peer) => Ok(self.become_primary(peer, p.new_generation)),
-                Err(e) => {
-                    // The peer counts us as primary now: correct that.
-                    self.send(Msg::Hello(self.hello()));
-                    Err(e)
-                }
-            },
-            Err(reason) => Err(err(
-                "peer_refused",
-                format!("the peer refused the promote: {reason}"),
-            )),
+        let result = match self.promote_check(false) {
+            Ok(peer) => Ok(self.become_primary(peer, p.new_generation)),
+            Err(e) => {
+                // The peer counts us as primary now: correct that.
+                self.send(Msg::Hello(self.hello()));
+                Err(e)
+            }
         };
         self.emit(Output::AdminDone {
             token: p.token,

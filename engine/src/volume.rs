@@ -250,6 +250,8 @@ pub(crate) enum Purpose {
         applied: Seq,
         disk_state: DiskState,
     },
+    /// The flush a node makes before it takes the primary role.
+    PromoteFlush,
 }
 
 /// A client write or flush waiting for its completion conditions.
@@ -719,6 +721,7 @@ impl Volume {
             }
             Purpose::Apply { seq, start, bytes } => self.apply_done(seq, start, bytes, result),
             Purpose::Checkpoint { upto } => self.checkpoint_flush_done(upto, result),
+            Purpose::PromoteFlush => self.promote_flush_done(result),
             Purpose::Meta {
                 applied,
                 disk_state,

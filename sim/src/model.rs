@@ -115,6 +115,8 @@ pub struct Stream {
     pub items: u64,
     /// Highest sequence seen (a full sync's base counts as seen).
     pub max_seq: u64,
+    /// Full syncs started so far (each may redefine sequences above its base).
+    pub resets: u64,
 }
 
 impl Stream {
@@ -126,6 +128,7 @@ impl Stream {
             fingerprints: BTreeMap::new(),
             items: 0,
             max_seq: 0,
+            resets: 0,
         }
     }
 
@@ -135,6 +138,7 @@ impl Stream {
     /// with its link and the sync then resumes as ordinary items.
     pub fn reset(&mut self, base: u64) {
         self.max_seq = base;
+        self.resets += 1;
         for v in &mut self.per_sector {
             v.retain(|x| x.seq <= base);
         }

@@ -147,6 +147,7 @@ impl World {
         if meta.role == Role::Secondary
             && matches!(meta.disk_state, DiskState::UpToDate | DiskState::Consistent)
             && !self.nodes[i].suspect
+            && self.nodes[i].resets_seen == self.stream.resets
         {
             self.stats.durability_checks += 1;
             let cs = self.contents(i);

@@ -104,6 +104,10 @@ struct Node {
     /// Highest stream sequence delivered to it.
     received: u64,
     stopping: bool,
+    /// Full syncs of the stream this node has seen start (it received their start message,
+    /// or it started them as primary): a node that missed one may hold numbers the stream
+    /// has since redefined.
+    resets_seen: u64,
 }
 
 struct Conn {
@@ -206,6 +210,7 @@ impl World {
                 horizon: 0,
                 received: 0,
                 stopping: false,
+                resets_seen: 0,
             }
         };
         let mut w = World {
@@ -361,6 +366,7 @@ impl World {
             if role == Role::Primary {
                 // Its image defines the data from now on.
                 self.nodes[i].suspect = false;
+                self.nodes[i].resets_seen = self.stream.resets;
                 self.nodes[i].horizon = 0;
                 // Baseline: what the node holds now is what its clients will see.
                 let versions = self.contents(i).into_iter().map(Ops::version_of).collect();

@@ -54,6 +54,7 @@ impl World {
         match msg {
             Msg::ResyncStart { base_seq, .. } => {
                 self.stream.reset(*base_seq);
+                self.nodes[i].resets_seen = self.stream.resets;
                 Ok(())
             }
             Msg::Item(it) => {
@@ -136,6 +137,7 @@ impl World {
                         self.nodes[to].suspect = false;
                         self.nodes[to].horizon = 0;
                         self.nodes[to].received = 0;
+                        self.nodes[to].resets_seen = self.stream.resets;
                     }
                     self.log(|| format!("{} <- {}", NODES[to], brief_msg(&msg)));
                     self.input(to, Input::PeerMsg { conn, msg });
