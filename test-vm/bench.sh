@@ -2,7 +2,7 @@
 # The VM benchmark: blkrep (async, sync) vs the bare loop device vs DRBD 8.4 (protocol A, C),
 # in one guest, on the same backing devices and the same veth link (scenarios/bench.sh), then
 # the Markdown report (bench-report.py): medians with min–max over the rounds, and the ratios.
-# Not a test (never part of --all or CI). Takes about 4 minutes per round with the defaults.
+# Not a test (never part of --all or CI). Takes about 3 minutes per round with the defaults (2-core host).
 #
 # Usage: bash test-vm/bench.sh [--rounds N] [--runtime S] [--ramp S] [--size MIB]
 #                              [--delay 5ms] [--only loop,blkrep-async,...] [-v]

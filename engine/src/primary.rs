@@ -511,7 +511,12 @@ impl Volume {
                     || from == self.last_seq);
         self.streaming = true;
         self.peer_applied = from;
-        if full && !(covered && self.resync.is_some()) {
+        // A running full sync is resumed only with a peer that knows it is its target (it
+        // got the start message and is Inconsistent). A peer that says otherwise never
+        // got the start (lost with its link): resuming would feed it resync data while it
+        // still calls itself consistent. Start over instead.
+        let resumable = covered && self.resync.is_some() && peer.needs_full_sync;
+        if full && !resumable {
             self.begin_full_sync();
             return;
         }
