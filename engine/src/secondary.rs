@@ -39,7 +39,12 @@ impl Volume {
 
     /// Issue every pending item that may start now.
     pub(crate) fn pump_applier(&mut self) {
-        if self.disk_state == DiskState::Failed || self.applier.hold_for_meta {
+        // While stopping, apply nothing new: the final checkpoint must record everything on
+        // the disk, or a restart would re-apply older items over newer ones.
+        if self.disk_state == DiskState::Failed
+            || self.applier.hold_for_meta
+            || self.shutting_down.is_some()
+        {
             return;
         }
         while let Some(front) = self.applier.pending.front() {
