@@ -10,6 +10,14 @@ use io_uring::{opcode, types};
 use std::os::fd::AsRawFd;
 
 impl Loop {
+    /// The live connection in slot `key`, if it is still generation `gen`.
+    fn nbd_conn(&mut self, key: usize, gen: u64) -> Option<&mut NbdConn> {
+        self.nbd
+            .get_mut(key)
+            .and_then(|c| c.as_mut())
+            .filter(|c| c.gen == gen)
+    }
+
     pub(super) fn add_nbd(&mut self, h: NbdHandoff) {
         let gen = self.next_gen;
         self.next_gen += 1;
@@ -77,12 +85,7 @@ impl Loop {
     }
 
     pub(super) fn nbd_recv_done(&mut self, key: usize, gen: u64, res: i32) {
-        let Some(c) = self
-            .nbd
-            .get_mut(key)
-            .and_then(|c| c.as_mut())
-            .filter(|c| c.gen == gen)
-        else {
+        let Some(c) = self.nbd_conn(key, gen) else {
             return;
         };
         c.recv_posted = false;
@@ -224,12 +227,7 @@ impl Loop {
     }
 
     pub(super) fn nbd_send_done(&mut self, key: usize, gen: u64, res: i32) {
-        let Some(c) = self
-            .nbd
-            .get_mut(key)
-            .and_then(|c| c.as_mut())
-            .filter(|c| c.gen == gen)
-        else {
+        let Some(c) = self.nbd_conn(key, gen) else {
             return;
         };
         c.ring_ops -= 1;
