@@ -31,6 +31,13 @@ pub enum Request {
     },
     /// Become secondary.
     Demote,
+    /// Resolve a split brain on this node: `discard_local` gives up this node's changes.
+    Resolve {
+        #[serde(default)]
+        discard_local: bool,
+    },
+    /// What the next connection moves (`blkrep failback --plan`).
+    Plan,
     /// Stop cleanly.
     Shutdown,
 }
@@ -241,6 +248,10 @@ mod tests {
             Request::Status,
             Request::Promote { force: true },
             Request::Demote,
+            Request::Resolve {
+                discard_local: true,
+            },
+            Request::Plan,
             Request::Shutdown,
         ] {
             assert_eq!(parse_request(&encode_request(&r)).unwrap(), r);

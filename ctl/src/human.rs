@@ -56,6 +56,20 @@ pub fn status(s: &DaemonStatus) -> String {
     if let Some(r) = &e.refused_reason {
         let _ = writeln!(o, "    refused: {r}");
     }
+    if e.split_brain {
+        let _ = writeln!(
+            o,
+            "  SPLIT BRAIN: both nodes took writes separately; no data moves. See `blkrep \
+             failback --plan`, then run `blkrep resolve --discard-local` on the losing node."
+        );
+    }
+    if let Some(pg) = e.peer_generation {
+        let rel = e
+            .relation
+            .map(|r| word(&r))
+            .unwrap_or_else(|| "unknown".into());
+        let _ = writeln!(o, "  peer generation {pg:016x} ({rel})");
+    }
     let ro = if s.export_read_only {
         " (read-only)"
     } else {
@@ -148,6 +162,16 @@ pub fn metadata(m: &Metadata) -> String {
     );
     let _ = writeln!(o, "node uuid     {:016x}", m.node_uuid);
     let _ = writeln!(o, "generation    {:016x}", m.generation);
+    let hist: Vec<String> = m.history.iter().map(|g| format!("{g:016x}")).collect();
+    let _ = writeln!(
+        o,
+        "history       {}",
+        if hist.is_empty() {
+            "(none)".to_string()
+        } else {
+            hist.join(" ")
+        }
+    );
     let _ = writeln!(o, "applied seq   {}", m.applied_seq);
     let _ = writeln!(o, "role          {}", word(&m.role));
     let _ = writeln!(o, "disk state    {}", word(&m.disk_state));
@@ -158,6 +182,52 @@ pub fn metadata(m: &Metadata) -> String {
         m.has(FLAG_PEER_NEEDS_FULL_SYNC)
     );
     let _ = writeln!(o, "update counter {}", m.counter);
+    o
+}
+
+/// The `failback --plan` page.
+pub fn plan(v: &serde_json::Value) -> String {
+    let mut o = String::new();
+    let s = |k: &str| v[k].as_str().unwrap_or("?").to_string();
+    let gen = |k: &str| {
+        v[k].as_u64()
+            .map(|g| format!("{g:016x}"))
+            .unwrap_or_else(|| "unknown".into())
+    };
+    let _ = writeln!(o, "failback plan (nothing moves until the nodes connect)");
+    let _ = writeln!(
+        o,
+        "  peer          {}{}",
+        v["peer"].as_str().unwrap_or("not heard from"),
+        if v["peer_connected"].as_bool() == Some(true) {
+            " (connected)"
+        } else {
+            " (not connected)"
+        }
+    );
+    let _ = writeln!(
+        o,
+        "  this node     {} generation {}",
+        s("role"),
+        gen("local_generation")
+    );
+    let _ = writeln!(o, "  peer          generation {}", gen("peer_generation"));
+    let _ = writeln!(
+        o,
+        "  relation      {}",
+        v["relation"].as_str().unwrap_or("unknown")
+    );
+    let _ = writeln!(o, "  direction     {}", s("direction"));
+    let _ = writeln!(o, "  method        {}", s("method"));
+    let bytes_n = v["bytes"].as_u64().unwrap_or(0);
+    let _ = writeln!(
+        o,
+        "  to move       {} ({} blocks of {})",
+        bytes(bytes_n),
+        v["blocks"].as_u64().unwrap_or(0),
+        bytes(v["block_size"].as_u64().unwrap_or(4096))
+    );
+    let _ = writeln!(o, "  {}", s("summary"));
     o
 }
 

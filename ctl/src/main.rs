@@ -73,7 +73,9 @@ enum Verb {
     /// secondary; waits until that holds or the timeout passes).
     Promote {
         resource: Option<String>,
-        /// Take over without the peer (forced takeover; not available yet).
+        /// Take over without the peer (forced takeover when the primary site is lost):
+        /// starts a new data generation; the peer is resynced from this node when it
+        /// returns, and a peer that took writes meanwhile is reported as a split brain.
         #[arg(long)]
         force: bool,
         /// Seconds to keep retrying while the peer is not connected or still catching up.
@@ -88,6 +90,24 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Resolve a split brain: run on the node whose changes are given up.
+    Resolve {
+        resource: Option<String>,
+        /// Discard this node's changes; it takes the peer's data by a full sync.
+        #[arg(long, required = true)]
+        discard_local: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Failback: show what the next connection moves (direction, method, bytes).
+    Failback {
+        resource: Option<String>,
+        /// Print the plan; nothing moves.
+        #[arg(long, required = true)]
+        plan: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Verb {
@@ -99,7 +119,9 @@ impl Verb {
             | Verb::Down { resource, .. }
             | Verb::Status { resource, .. }
             | Verb::Promote { resource, .. }
-            | Verb::Demote { resource, .. } => resource.as_deref(),
+            | Verb::Demote { resource, .. }
+            | Verb::Resolve { resource, .. }
+            | Verb::Failback { resource, .. } => resource.as_deref(),
         }
     }
 }
@@ -227,6 +249,23 @@ fn run(cli: Cli) -> Result<u8, Fail> {
         Verb::Demote { json, .. } => {
             let v = call(&cfg, &node, &Request::Demote)?;
             Ok(done(&v, json))
+        }
+        Verb::Resolve {
+            discard_local,
+            json,
+            ..
+        } => {
+            let v = call(&cfg, &node, &Request::Resolve { discard_local })?;
+            Ok(done(&v, json))
+        }
+        Verb::Failback { json, .. } => {
+            let v = call(&cfg, &node, &Request::Plan)?;
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", human::plan(&v));
+            }
+            Ok(0)
         }
     }
 }

@@ -117,6 +117,7 @@ pub fn to_json(m: &Metadata) -> serde_json::Value {
         "volume_size": m.volume_size,
         "node_uuid": format!("{:016x}", m.node_uuid),
         "generation": format!("{:016x}", m.generation),
+        "history": m.history.iter().map(|g| format!("{g:016x}")).collect::<Vec<_>>(),
         "applied_seq": m.applied_seq,
         "role": m.role,
         "disk_state": m.disk_state,

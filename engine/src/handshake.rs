@@ -1,5 +1,6 @@
 //! Connection life cycle: the engine-level hello exchange and what each side decides.
 
+use crate::generations::{relate, Relation};
 use crate::msg::{Hello, Msg, ENGINE_PROTOCOL_VERSION};
 use crate::types::*;
 use crate::volume::*;
@@ -80,6 +81,27 @@ impl Volume {
         let peer_needs_full_sync = h.needs_full_sync;
         let peer_failed = h.disk_state == DiskState::Failed;
         let node = h.node.clone();
+        let rel = relate(
+            self.meta.generation,
+            &self.meta.history,
+            h.generation,
+            &h.history,
+        );
+        let peer_gen = h.generation;
+        let peer_has_data = has_data(h.disk_state);
+        self.relation = Some(rel);
+        self.last_peer = Some(h.clone());
+        if rel == Relation::Diverged && peer_has_data && has_data(self.disk_state) {
+            self.split_brain = true;
+            return self.refuse(format!(
+                "split brain: this node (generation {:016x}) and peer {node} (generation \
+                 {peer_gen:016x}) both took writes after they separated; no data moves until \
+                 an operator chooses: run `blkrep resolve --discard-local` on the node whose \
+                 changes are to be discarded (`blkrep failback --plan` shows both sides)",
+                self.meta.generation
+            ));
+        }
+        self.split_brain = false;
         self.peer = Some(h);
         if first {
             self.connects += 1;
@@ -95,6 +117,23 @@ impl Volume {
                 "split brain: both this node and peer {node} are primary; demote one of them \
                  (its writes since they split will have to be discarded)"
             )),
+            (Role::Primary, Role::Secondary) if rel == Relation::PeerAhead && peer_has_data => self
+                .refuse(format!(
+                    "peer {node} holds newer data (generation {peer_gen:016x}) than this \
+                     primary ({:016x}): demote this node and promote the peer, or discard the \
+                     peer's data with `blkrep resolve --discard-local` on it",
+                    self.meta.generation
+                )),
+            (Role::Secondary, Role::Primary)
+                if rel == Relation::PeerBehind && has_data(self.disk_state) =>
+            {
+                self.refuse(format!(
+                    "this node holds newer data (generation {:016x}) than primary {node} \
+                     ({peer_gen:016x}): demote the peer and promote this node, or run \
+                     `blkrep resolve --discard-local` here to take the peer's data",
+                    self.meta.generation
+                ))
+            }
             (Role::Primary, Role::Secondary) => {
                 let restart = peer_failed || (self.resync.is_none() && peer_needs_full_sync);
                 if self.streaming && restart {
@@ -119,10 +158,25 @@ impl Volume {
         }
     }
 
+    /// Compare generations with the peer again (after this node's generation changed).
+    pub(crate) fn recompute_relation(&mut self) {
+        if let Some(p) = self.last_peer.as_ref() {
+            self.relation = Some(relate(
+                self.meta.generation,
+                &self.meta.history,
+                p.generation,
+                &p.history,
+            ));
+        }
+    }
+
     /// Refuse the peer: record why, tell it, close.
     pub(crate) fn refuse(&mut self, reason: String) {
         let Some(conn) = self.conn else { return };
-        self.event("refused", format!("connection refused: {reason}"));
+        // The link retries every few seconds: log a refusal once, not at every retry.
+        if self.refused_reason.as_ref() != Some(&reason) {
+            self.event("refused", format!("connection refused: {reason}"));
+        }
         self.send(Msg::Goodbye {
             reason: reason.clone(),
         });
@@ -168,4 +222,9 @@ impl Volume {
         // their items stay queued for the next connection.
         self.release_waiters();
     }
+}
+
+/// A disk state whose data a node would defend against being overwritten.
+pub(crate) fn has_data(d: DiskState) -> bool {
+    matches!(d, DiskState::UpToDate | DiskState::Consistent)
 }

@@ -8,6 +8,7 @@
 
 pub mod buf;
 pub mod bugs;
+pub mod generations;
 pub mod msg;
 pub mod types;
 
@@ -15,6 +16,7 @@ pub use buf::AlignedBuf;
 pub use types::*;
 mod handshake;
 pub mod meta;
+pub mod plan;
 mod primary;
 pub mod ranges;
 mod roles;

@@ -19,8 +19,11 @@ use crate::types::{DiskState, Role, Seq};
 
 /// Magic at the start of every metadata slot.
 pub const MAGIC: [u8; 8] = *b"BLKRPMD\0";
-/// Current metadata format version.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current metadata format version (2 added the generation history; version 1 is still
+/// read, with an empty history).
+pub const FORMAT_VERSION: u32 = 2;
+/// Generations kept in the history (newest first); older ones fall off.
+pub const MAX_HISTORY: usize = 16;
 /// Size of one slot.
 pub const SLOT_SIZE: usize = 4096;
 /// Size of the whole metadata area (two slots).
@@ -82,6 +85,9 @@ pub struct Metadata {
     pub node_uuid: u64,
     /// Current data generation.
     pub generation: u64,
+    /// Generations this node's data held before the current one, newest first (at most
+    /// [`MAX_HISTORY`]). The handshake compares them to tell which side is behind.
+    pub history: Vec<u64>,
     /// Highest stream sequence known present (and durable) on the backing.
     pub applied_seq: Seq,
     /// The role this node held when the metadata was last written.
@@ -102,11 +108,22 @@ impl Metadata {
             volume_size,
             node_uuid,
             generation: 0,
+            history: Vec::new(),
             applied_seq: 0,
             role: Role::Secondary,
             disk_state: DiskState::Inconsistent,
             flags: FLAG_CLEAN,
         }
+    }
+
+    /// Start a new data generation: the current one moves to the front of the history.
+    pub fn new_generation(&mut self, generation: u64) {
+        if self.generation != 0 {
+            self.history.retain(|&g| g != self.generation);
+            self.history.insert(0, self.generation);
+            self.history.truncate(MAX_HISTORY);
+        }
+        self.generation = generation;
     }
 
     /// True when `flag` is set.
@@ -136,6 +153,16 @@ impl Metadata {
         body.push(self.role.code());
         body.push(self.disk_state.code());
         body.extend_from_slice(&self.flags.to_le_bytes());
+        if self.history.len() > MAX_HISTORY {
+            return Err(MetaError::Field(format!(
+                "generation history holds {} entries, at most {MAX_HISTORY} fit",
+                self.history.len()
+            )));
+        }
+        body.push(self.history.len() as u8);
+        for g in &self.history {
+            body.extend_from_slice(&g.to_le_bytes());
+        }
         let mut slot = Vec::with_capacity(SLOT_SIZE);
         slot.extend_from_slice(&MAGIC);
         slot.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -153,7 +180,7 @@ impl Metadata {
             return Err(MetaError::NoMetadata);
         }
         let version = u32::from_le_bytes(slot[8..12].try_into().unwrap());
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != 1 {
             return Err(MetaError::Version { found: version });
         }
         let body_len = u32::from_le_bytes(slot[12..16].try_into().unwrap()) as usize;
@@ -176,7 +203,18 @@ impl Metadata {
             role: Role::from_code(r.u8()?).ok_or(MetaError::Corrupt)?,
             disk_state: DiskState::from_code(r.u8()?).ok_or(MetaError::Corrupt)?,
             flags: r.u32()?,
+            history: Vec::new(),
         };
+        let mut m = m;
+        if version >= 2 {
+            let n = r.u8()? as usize;
+            if n > MAX_HISTORY {
+                return Err(MetaError::Corrupt);
+            }
+            for _ in 0..n {
+                m.history.push(r.u64()?);
+            }
+        }
         Ok(m)
     }
 
@@ -283,7 +321,21 @@ mod tests {
         let mut m = Metadata::new("r0", "alpha", 1 << 30, 42);
         m.applied_seq = 77;
         m.generation = 9;
+        m.new_generation(11);
         m
+    }
+
+    #[test]
+    fn history_keeps_the_newest() {
+        let mut m = sample();
+        for g in 100..140 {
+            m.new_generation(g);
+        }
+        assert_eq!(m.generation, 139);
+        assert_eq!(m.history.len(), MAX_HISTORY);
+        assert_eq!(m.history[0], 138);
+        let area = [m.encode_slot().unwrap(), vec![0; SLOT_SIZE]].concat();
+        assert_eq!(Metadata::decode_area(&area).unwrap().0, m);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::types::{DiskState, Role, Seq};
 use bytes::Bytes;
 
 /// Version of the engine-level protocol carried in [`Hello`] (the transport has its own).
-pub const ENGINE_PROTOCOL_VERSION: u32 = 1;
+pub const ENGINE_PROTOCOL_VERSION: u32 = 2;
 
 /// Engine-level state exchanged right after a transport connection is established and
 /// again after every role or disk-state change.
@@ -36,6 +36,9 @@ pub struct Hello {
     pub received_seq: Seq,
     /// Sender's current data generation (changes when a primary diverges from its peer).
     pub generation: u64,
+    /// The generations the sender's data held before, newest first (see
+    /// [`crate::generations`]).
+    pub history: Vec<u64>,
     /// True when the sender needs a full sync from its peer (fresh or interrupted sync).
     pub needs_full_sync: bool,
 }

@@ -105,6 +105,9 @@ impl Volume {
     }
 
     fn submit(&mut self, input: Input) {
+        if !self.streaming && self.gen_shared && !matches!(input, Input::ClientFlush { .. }) {
+            self.diverge();
+        }
         self.last_seq += 1;
         let seq = self.last_seq;
         let dep = self.completed_max;
@@ -202,6 +205,36 @@ impl Volume {
                 }
             }
         }
+    }
+
+    /// The first write the peer does not receive as it happens: start a new generation, so
+    /// that a takeover at the peer meanwhile shows as a split brain instead of silently
+    /// discarding this write. A peer still on the old generation holds a prefix of this
+    /// node's stream and resumes by sequence (`bumped_from`).
+    fn diverge(&mut self) {
+        let old = self.meta.generation;
+        let mut x = old ^ self.last_seq.rotate_left(17) ^ self.now.rotate_left(41);
+        for b in self.cfg.node.bytes() {
+            x = (x ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // splitmix64 finaliser: a well-spread id (the engine draws no random numbers).
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        let new = if x == 0 || x == old {
+            x.wrapping_add(1) | 1
+        } else {
+            x
+        };
+        self.meta.new_generation(new);
+        self.recompute_relation();
+        self.bumped_from = Some(old);
+        self.gen_shared = false;
+        self.persist_meta();
+        self.event(
+            "generation",
+            format!("writing without the peer: new generation {new:016x} (was {old:016x})"),
+        );
     }
 
     fn issue_local(&mut self, req: ReqId, start: u64, end: u64, kind: DiskKind) {
@@ -474,18 +507,13 @@ impl Volume {
         if peer.role != Role::Secondary || self.conn_state == ConnState::Refused {
             return;
         }
-        let peer_fresh = peer.generation == 0;
-        if !peer_fresh && peer.generation != self.meta.generation && !peer.needs_full_sync {
-            self.refuse(format!(
-                "generation mismatch: peer {} holds data of generation {:016x}, this node \
-                 {:016x}; the histories diverged (resolve by hand)",
-                peer.node, peer.generation, self.meta.generation
-            ));
-            return;
-        }
-        let full = peer.needs_full_sync
-            || self.peer_needs_full_sync
-            || peer.generation != self.meta.generation;
+        // The handshake refused a peer with newer or diverged data already. A peer on this
+        // generation, or on the one this primary left by its own divergence, holds a prefix
+        // of this node's stream; any other has to be synced in full.
+        let same_line = peer.generation == self.meta.generation
+            || Some(peer.generation) == self.bumped_from && peer.generation != 0;
+        let full = peer.needs_full_sync || self.peer_needs_full_sync || !same_line;
+        self.gen_shared = true;
         if peer.disk_state == DiskState::Failed {
             // Whatever the peer applied of a running full sync is gone with its disk.
             self.streaming = true;
@@ -600,6 +628,11 @@ impl Volume {
     /// The peer acknowledged: complete sync-mode writes, release the queue.
     pub(crate) fn on_ack(&mut self, applied: Seq, durable: Seq) {
         if self.role != Role::Primary && self.queue.is_empty() {
+            return;
+        }
+        if applied > self.last_seq {
+            // Positions of another stream line (sent before the peer learnt of a full
+            // sync): nothing of ours.
             return;
         }
         if applied > self.peer_applied {

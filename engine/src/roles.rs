@@ -4,6 +4,8 @@
 //! still believe the other secondary (a link broken but not yet detected) can therefore
 //! never both become primary: neither gets an answer. Demote needs no confirmation.
 
+use crate::generations::Relation;
+use crate::handshake::has_data;
 use crate::meta::FLAG_CLEAN;
 use crate::msg::{Hello, Msg};
 use crate::types::*;
@@ -18,7 +20,12 @@ pub(crate) struct PendingPromote {
     pub since: u64,
     /// The peer confirmed; the disk is being flushed before the role is taken.
     pub granted: bool,
+    /// A forced takeover (no peer to ask): a new generation once the flush is done.
+    pub forced: bool,
 }
+
+/// How far a forced takeover's stream starts above this node's last position.
+const FORCED_SEQ_GAP: u64 = 1 << 32;
 
 /// How long a promote waits for the peer's answer, nanoseconds.
 const PROMOTE_TIMEOUT_NS: u64 = 10_000_000_000;
@@ -40,7 +47,15 @@ impl Volume {
                 "a promote is already waiting for the peer's answer".into(),
             )));
         }
-        let peer = match self.promote_check(force) {
+        let connected = self.peer.is_some()
+            && !matches!(
+                self.conn_state,
+                ConnState::Connecting | ConnState::Refused | ConnState::Disconnected
+            );
+        if force && !connected {
+            return self.forced_promote(token, new_generation);
+        }
+        let peer = match self.promote_check() {
             Ok(p) => p,
             Err(e) => return Some(Err(e)),
         };
@@ -55,13 +70,14 @@ impl Volume {
             new_generation,
             since: self.now,
             granted: false,
+            forced: false,
         });
         self.send(Msg::PromoteRequest { nonce });
         None
     }
 
     /// Whether this node may become primary now; the peer's state as last heard.
-    fn promote_check(&self, force: bool) -> Result<Hello, AdminError> {
+    fn promote_check(&self) -> Result<Hello, AdminError> {
         if self.shutting_down.is_some() {
             return Err(err("shutting_down", "the daemon is shutting down".into()));
         }
@@ -70,14 +86,6 @@ impl Volume {
             .clone()
             .filter(|_| self.conn_state != ConnState::Connecting)
         else {
-            if force {
-                return Err(err(
-                    "not_supported",
-                    "promote --force without a connected peer is not implemented yet \
-                     (forced takeover comes with generations and bitmaps)"
-                        .into(),
-                ));
-            }
             return Err(err(
                 "peer_not_connected",
                 "the peer is not connected; a planned promote needs it (wait, or use --force \
@@ -103,14 +111,28 @@ impl Volume {
                 ),
             ));
         }
+        if self.relation == Some(Relation::PeerAhead) && has_data(peer.disk_state) {
+            return Err(err(
+                "not_up_to_date",
+                format!(
+                    "peer {} holds newer data (generation {:016x}, this node {:016x}); promote \
+                     the peer, or discard its data first",
+                    peer.node, peer.generation, self.meta.generation
+                ),
+            ));
+        }
         let fresh_pair = self.meta.generation == 0 && peer.generation == 0;
         if !fresh_pair {
             // A peer that needs a full sync anyway has nothing this node lacks.
             // A crashed primary's own sequence is stale (a primary records it only now and
             // then) but its disk holds everything it acknowledged; the full sync it owes
             // its peer makes them identical.
-            let behind =
-                self.applied < peer.applied_seq && !peer.needs_full_sync && !self.crashed_primary;
+            // Sequence numbers compare only along one generation: a node on a newer
+            // generation is ahead whatever its numbers say.
+            let behind = self.relation == Some(Relation::Same)
+                && self.applied < peer.applied_seq
+                && !peer.needs_full_sync
+                && !self.crashed_primary;
             // Items received and not yet applied would collide with the sequence numbers
             // this node hands out as primary: drain them first.
             if behind || self.applier.issued > 0 || !self.applier.pending.is_empty() {
@@ -212,7 +234,15 @@ impl Volume {
         }
         self.flushed = self.flushed.max(self.applied);
         let p = self.pending_promote.take().expect("pending promote");
-        let result = match self.promote_check(false) {
+        if p.forced {
+            let msg = self.become_forced_primary(p.new_generation);
+            self.emit(Output::AdminDone {
+                token: p.token,
+                result: Ok(msg),
+            });
+            return;
+        }
+        let result = match self.promote_check() {
             Ok(peer) => Ok(self.become_primary(peer, p.new_generation)),
             Err(e) => {
                 // The peer counts us as primary now: correct that.
@@ -270,6 +300,8 @@ impl Volume {
             self.peer_needs_full_sync = true;
             self.crashed_primary = false;
         }
+        self.gen_shared = true;
+        self.bumped_from = None;
         self.meta.set(FLAG_CLEAN, false);
         self.persist_meta();
         let msg = format!(
@@ -284,6 +316,134 @@ impl Volume {
         self.send(Msg::Hello(self.hello()));
         self.start_streaming();
         msg
+    }
+
+    /// Forced takeover: become primary without the peer (its site is lost). Checks, then
+    /// the same flush as a planned promote, then [`Volume::become_forced_primary`].
+    fn forced_promote(
+        &mut self,
+        token: u64,
+        new_generation: u64,
+    ) -> Option<Result<String, AdminError>> {
+        if self.shutting_down.is_some() {
+            return Some(Err(err(
+                "shutting_down",
+                "the daemon is shutting down".into(),
+            )));
+        }
+        if !has_data(self.disk_state) {
+            return Some(Err(err(
+                "no_usable_data",
+                format!(
+                    "this node's disk is {:?}: it holds no usable image to take over with",
+                    self.disk_state
+                ),
+            )));
+        }
+        if self.applier.issued > 0 {
+            return Some(Err(err(
+                "busy",
+                format!(
+                    "{} replicated writes are still being applied; retry in a moment",
+                    self.applier.issued
+                ),
+            )));
+        }
+        // Items received and not applied are beyond this node's consistent prefix: the
+        // takeover happens at the prefix (they are what the lost site's RPO loses).
+        let dropped = self.applier.pending.len();
+        self.applier.pending.clear();
+        self.applier.done_above.clear();
+        if dropped > 0 {
+            self.event(
+                "takeover",
+                format!("{dropped} received but unapplied writes are dropped by the takeover"),
+            );
+        }
+        self.promote_nonce += 1;
+        self.pending_promote = Some(PendingPromote {
+            token,
+            nonce: self.promote_nonce,
+            new_generation,
+            since: self.now,
+            granted: true,
+            forced: true,
+        });
+        self.issue(Purpose::PromoteFlush, DiskKind::Flush);
+        None
+    }
+
+    /// Take the primary role on our own: a new generation, and the peer (whenever it comes
+    /// back) is behind and is resynced from this node.
+    fn become_forced_primary(&mut self, new_generation: u64) -> String {
+        let old = self.meta.generation;
+        self.meta.new_generation(new_generation);
+        self.recompute_relation();
+        self.role = Role::Primary;
+        self.disk_state = DiskState::UpToDate;
+        // The lost primary may have numbered items beyond anything this node received;
+        // the new line starts far above, so no number means two things (the generations
+        // already keep the lines apart; this keeps logs and positions unambiguous).
+        self.last_seq = self.applied.max(self.last_received) + FORCED_SEQ_GAP;
+        self.completed_max = self.last_seq;
+        self.stream_base = self.last_seq;
+        self.streaming = false;
+        self.queue.clear();
+        self.queue_bytes = 0;
+        self.peer_needs_full_sync = true;
+        self.crashed_primary = false;
+        self.gen_shared = false;
+        self.bumped_from = None;
+        self.meta.set(FLAG_CLEAN, false);
+        self.persist_meta();
+        let msg = format!(
+            "forced takeover: promoted to primary without the peer; new generation {:016x} \
+             (was {old:016x}); the peer is resynced from this node when it returns",
+            self.meta.generation
+        );
+        self.event("role", msg.clone());
+        self.send(Msg::Hello(self.hello()));
+        self.start_streaming();
+        msg
+    }
+
+    /// `blkrep resolve --discard-local`: this node gives up its own data line.
+    pub(crate) fn resolve_discard_local(&mut self) -> Result<String, AdminError> {
+        if self.role == Role::Primary {
+            return Err(err(
+                "wrong_role",
+                "this node is primary; demote it first (its data is about to be discarded)".into(),
+            ));
+        }
+        if self.pending_promote.is_some() {
+            return Err(err("busy", "a promote is in progress".into()));
+        }
+        let old = self.meta.generation;
+        let was_split = self.split_brain;
+        // Generation 0 is behind anyone: the peer resyncs this node in full.
+        self.meta.new_generation(0);
+        self.disk_state = DiskState::Outdated;
+        self.crashed_primary = false;
+        self.peer_needs_full_sync = false;
+        self.split_brain = false;
+        self.refused_reason = None;
+        if self.conn_state == ConnState::Refused {
+            self.conn_state = ConnState::Disconnected;
+        }
+        self.recompute_relation();
+        self.persist_meta();
+        let msg = format!(
+            "local changes discarded by operator{}: generation {old:016x} given up; this node \
+             is Outdated and takes the peer's data by a full sync on the next connect",
+            if was_split {
+                " (split brain resolved)"
+            } else {
+                ""
+            }
+        );
+        self.event("resolve", msg.clone());
+        self.send(Msg::Hello(self.hello()));
+        Ok(msg)
     }
 
     pub(crate) fn demote(&mut self) -> Result<String, AdminError> {

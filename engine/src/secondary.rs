@@ -34,7 +34,32 @@ impl Volume {
             return;
         }
         self.last_received = item.seq;
+        if !item.resync {
+            self.follow_generation();
+        }
         self.applier.pending.push_back(item);
+    }
+
+    /// A primary on a newer generation streams to us by sequence (it sends a full sync's
+    /// start first otherwise): this node's data is a prefix of that line, follow it.
+    fn follow_generation(&mut self) {
+        let Some(peer) = self.peer.as_ref() else {
+            return;
+        };
+        if peer.generation == self.meta.generation
+            || self.relation != Some(crate::generations::Relation::PeerAhead)
+            || self.needs_full_sync()
+        {
+            return;
+        }
+        let (old, new, node) = (self.meta.generation, peer.generation, peer.node.clone());
+        self.meta.new_generation(new);
+        self.relation = Some(crate::generations::Relation::Same);
+        self.persist_meta();
+        self.event(
+            "generation",
+            format!("following primary {node}: generation {old:016x} -> {new:016x}"),
+        );
     }
 
     /// Issue every pending item that may start now.
@@ -167,7 +192,8 @@ impl Volume {
             self.disk_failed("an fsync", e);
             return;
         }
-        if self.role == Role::Secondary {
+        // A disk that failed while this fsync was in flight counts nothing it covered.
+        if self.role == Role::Secondary && self.disk_state != DiskState::Failed {
             self.flushed = self.flushed.max(upto);
             if let Some(done) = self.applier.resync_done_seq {
                 if upto >= done {
@@ -175,7 +201,10 @@ impl Volume {
                     self.disk_state = DiskState::UpToDate;
                     // The generation of the data just received (not of whoever is
                     // connected now: the link may have dropped meanwhile).
-                    self.meta.generation = self.applier.resync_generation;
+                    if self.meta.generation != self.applier.resync_generation {
+                        self.meta.new_generation(self.applier.resync_generation);
+                    }
+                    self.recompute_relation();
                     if self.conn_state == ConnState::SyncTarget {
                         self.conn_state = ConnState::Connected;
                     }
@@ -220,6 +249,16 @@ impl Volume {
     /// Tell the primary how far we got, once per input at most.
     pub(crate) fn send_ack_if_moved(&mut self) {
         if self.role != Role::Secondary || self.conn.is_none() {
+            return;
+        }
+        // Positions count along one stream: acknowledge only to a primary whose line this
+        // node is on, or that is syncing it. An ack of positions from another line (sent
+        // before the primary's full-sync start arrived) would release items never applied.
+        let on_its_line = self.peer.as_ref().is_some_and(|p| p.role == Role::Primary)
+            && (self.relation == Some(crate::generations::Relation::Same)
+                || self.conn_state == ConnState::SyncTarget
+                || self.disk_state == DiskState::Inconsistent);
+        if !on_its_line {
             return;
         }
         let now = (self.applied, self.durable);

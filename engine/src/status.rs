@@ -1,5 +1,6 @@
 //! A snapshot of the engine's state for `blkrep status`.
 
+use crate::generations::Relation;
 use crate::types::{ConnState, DiskState, Mode, Role, Seq};
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,14 @@ pub struct EngineStatus {
     pub disk_state: DiskState,
     /// Current data generation.
     pub generation: u64,
+    /// Earlier generations of this node's data, newest first.
+    pub history: Vec<u64>,
+    /// The peer's generation as last heard (kept while disconnected).
+    pub peer_generation: Option<u64>,
+    /// How the peer's data relates to this node's, as last heard.
+    pub relation: Option<Relation>,
+    /// The peer was refused because both sides took writes separately (split brain).
+    pub split_brain: bool,
     /// Connection state.
     pub conn: ConnState,
     /// Peer's role, when connected.

@@ -9,6 +9,7 @@
 //! connection handshake in `handshake.rs`; they are all `impl Volume` blocks over the state
 //! declared here.
 
+use crate::generations::Relation;
 use crate::meta::{Metadata, FLAG_CLEAN, FLAG_CRASHED_PRIMARY, FLAG_PEER_NEEDS_FULL_SYNC};
 use crate::msg::{Hello, Msg, StreamItem, ENGINE_PROTOCOL_VERSION};
 use crate::ranges::RangeSet;
@@ -104,6 +105,9 @@ pub enum AdminCmd {
     Promote { force: bool, new_generation: u64 },
     /// Become secondary.
     Demote,
+    /// Discard this node's own changes: its data is replaced by a full sync from the peer
+    /// on the next connect (resolves a split brain on the losing side). Secondary only.
+    ResolveDiscardLocal,
     /// Stop: finish in-flight work, persist a clean state, then emit [`Output::Stopped`].
     Shutdown,
 }
@@ -339,6 +343,12 @@ pub struct Volume {
     pub(crate) conn_state: ConnState,
     pub(crate) peer: Option<Hello>,
     pub(crate) refused_reason: Option<String>,
+    /// The last hello of the peer, kept after the connection ends (plans, status).
+    pub(crate) last_peer: Option<Hello>,
+    /// How the peer's data relates to ours, from its last hello.
+    pub(crate) relation: Option<Relation>,
+    /// The last refusal was a split brain.
+    pub(crate) split_brain: bool,
     pub(crate) connects: u64,
     pub(crate) last_recv_ns: u64,
     pub(crate) last_send_ns: u64,
@@ -369,6 +379,12 @@ pub struct Volume {
     pub(crate) resync_epoch: u64,
     /// This node crashed while primary: its data may hold writes its peer never saw.
     pub(crate) crashed_primary: bool,
+    /// The peer may hold the current generation (a write without a receiving peer then
+    /// starts a new one, so that a takeover at the peer is seen as a split brain).
+    pub(crate) gen_shared: bool,
+    /// The generation this primary left by its own divergence bump: a peer still on it
+    /// holds a prefix of this node's stream and may resume by sequence.
+    pub(crate) bumped_from: Option<u64>,
 
     // ---- secondary ----
     pub(crate) applier: Applier,
@@ -431,6 +447,9 @@ impl Volume {
             conn_state: ConnState::Disconnected,
             peer: None,
             refused_reason: None,
+            last_peer: None,
+            relation: None,
+            split_brain: false,
             connects: 0,
             last_recv_ns: 0,
             last_send_ns: 0,
@@ -454,6 +473,8 @@ impl Volume {
             resync_bytes_done: 0,
             resync_epoch: 0,
             crashed_primary,
+            gen_shared: true,
+            bumped_from: None,
             applier: Applier::default(),
             applied,
             flushed: applied,
@@ -552,6 +573,10 @@ impl Volume {
             mode: self.cfg.mode,
             disk_state: self.disk_state,
             generation: self.meta.generation,
+            history: self.meta.history.clone(),
+            peer_generation: self.last_peer.as_ref().map(|p| p.generation),
+            relation: self.relation,
+            split_brain: self.split_brain,
             conn: self.conn_state,
             peer_role: self.peer.as_ref().map(|p| p.role),
             peer_disk_state: self.peer.as_ref().map(|p| p.disk_state),
@@ -578,7 +603,7 @@ impl Volume {
     }
 
     /// Items not yet applied by the peer: count, payload bytes, time of the oldest.
-    fn lag(&self) -> (u64, u64, Option<u64>) {
+    pub(crate) fn lag(&self) -> (u64, u64, Option<u64>) {
         let mut n = 0;
         let mut bytes = 0;
         let mut oldest = None;
@@ -656,6 +681,7 @@ impl Volume {
                 Role::Secondary => self.applied.max(self.last_received),
             },
             generation: self.meta.generation,
+            history: self.meta.history.clone(),
             needs_full_sync: self.needs_full_sync(),
         }
     }
@@ -784,6 +810,7 @@ impl Volume {
                 None => return, // answered once the peer confirms
             },
             AdminCmd::Demote => self.demote(),
+            AdminCmd::ResolveDiscardLocal => self.resolve_discard_local(),
             AdminCmd::Shutdown => {
                 if self.shutting_down.is_none() {
                     self.fail_pending_promote("shutting_down", "the daemon is shutting down");

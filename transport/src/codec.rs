@@ -18,6 +18,7 @@
 //! from the header so the event loop can hand both to one `sendmsg`).
 
 use crate::wire::{Reader, WireError, Writer};
+use blkrep_engine::meta::MAX_HISTORY;
 use blkrep_engine::msg::{Hello, ItemKind, Msg, StreamItem};
 use blkrep_engine::{AlignedBuf, DiskState, Role};
 use bytes::Bytes;
@@ -70,6 +71,11 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
             w.u64(h.received_seq);
             w.u64(h.generation);
             w.u8(h.needs_full_sync as u8);
+            let n = h.history.len().min(MAX_HISTORY);
+            w.u8(n as u8);
+            for g in &h.history[..n] {
+                w.u64(*g);
+            }
             (KIND_HELLO, None)
         }
         Msg::Item(it) => {
@@ -360,6 +366,13 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
                 received_seq: r.u64()?,
                 generation: r.u64()?,
                 needs_full_sync: r.bool()?,
+                history: {
+                    let n = r.u8()? as usize;
+                    if n > MAX_HISTORY {
+                        return Err(WireError::Invalid("generation history too long"));
+                    }
+                    (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?
+                },
             }),
             KIND_ITEM => {
                 let seq = r.u64()?;
@@ -446,6 +459,7 @@ mod tests {
                 received_seq: 43,
                 generation: 0xdead_beef,
                 needs_full_sync: true,
+                history: vec![7, 3],
             }),
             Msg::Item(StreamItem {
                 seq: 7,

@@ -422,6 +422,12 @@ impl Loop {
             let _ = c.reply.send(Ok(self.status_json()));
             return;
         }
+        if c.req == Request::Plan {
+            let _ = c
+                .reply
+                .send(Ok(serde_json::to_value(self.vol.plan()).unwrap_or_default()));
+            return;
+        }
         if let Some(c) = self.ublk_gate(c) {
             self.admin_call(c);
         }
@@ -440,6 +446,23 @@ impl Loop {
             },
             Request::Demote => AdminCmd::Demote,
             Request::Shutdown => AdminCmd::Shutdown,
+            Request::Resolve { discard_local } => {
+                if !discard_local {
+                    let _ = c.reply.send(Err(ControlError::new(
+                        "bad_request",
+                        "resolve needs --discard-local, run on the node whose changes are \
+                         given up",
+                    )));
+                    return;
+                }
+                AdminCmd::ResolveDiscardLocal
+            }
+            Request::Plan => {
+                let _ = c
+                    .reply
+                    .send(Ok(serde_json::to_value(self.vol.plan()).unwrap_or_default()));
+                return;
+            }
         };
         let token = self.next_token;
         self.next_token += 1;

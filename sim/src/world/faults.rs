@@ -18,7 +18,14 @@ impl World {
         let r = self.rng.below(100);
         let cmd = match r {
             0..=49 => AdminCmd::Promote {
-                force: self.rng.chance(0.1),
+                // A forced takeover only where it is one: the other node is not serving as
+                // primary (crashed, stopped, or secondary). Two primaries at once — a split
+                // brain — are tested on real daemons: the checker's model has one writer.
+                force: self.rng.chance(0.1)
+                    && !self.nodes[1 - i]
+                        .vol
+                        .as_ref()
+                        .is_some_and(|v| v.role() == Role::Primary),
                 new_generation: self.rng.next_u64() | 1,
             },
             50..=89 => AdminCmd::Demote,

@@ -142,6 +142,8 @@ pub struct Stats {
     pub promotes_refused: u64,
     pub demotes_ok: u64,
     pub full_syncs: u64,
+    pub forced_takeovers: u64,
+    pub split_brains_resolved: u64,
     pub stream_items: u64,
     pub prefix_checks: u64,
     pub read_checks: u64,
@@ -441,7 +443,10 @@ impl World {
                 match &result {
                     Ok(m) => {
                         self.log(|| format!("{} admin ok: {m}", NODES[i]));
-                        if m.starts_with("promoted") {
+                        if m.starts_with("forced") {
+                            self.stats.forced_takeovers += 1;
+                        }
+                        if m.starts_with("promoted") || m.starts_with("forced") {
                             self.stats.promotes_ok += 1;
                         } else if m.starts_with("demoted") {
                             self.stats.demotes_ok += 1;
@@ -458,6 +463,9 @@ impl World {
                 }
             }
             Output::Event(e) => {
+                if e.kind == "resolve" {
+                    self.stats.split_brains_resolved += 1;
+                }
                 if e.kind == "resync" && e.message.starts_with("full sync to the peer started") {
                     self.stats.full_syncs += 1;
                 }

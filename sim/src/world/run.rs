@@ -180,6 +180,35 @@ impl World {
                     next_promote = self.now + SEC;
                 }
             }
+            // A split brain (a forced takeover while the other node had written on its
+            // own) needs the operator: the node that is not primary discards its changes.
+            let split: Vec<usize> = (0..2)
+                .filter(|&i| {
+                    self.nodes[i]
+                        .vol
+                        .as_ref()
+                        .is_some_and(|v| v.status().split_brain && v.role() == Role::Secondary)
+                })
+                .collect();
+            if let Some(&loser) = split.first() {
+                if self.now >= next_promote {
+                    self.log(|| {
+                        format!(
+                            "liveness: operator resolves the split brain on {}",
+                            NODES[loser]
+                        )
+                    });
+                    self.nodes[loser].suspect = true;
+                    self.input(
+                        loser,
+                        Input::Admin {
+                            token: 4,
+                            cmd: AdminCmd::ResolveDiscardLocal,
+                        },
+                    );
+                    next_promote = self.now + SEC;
+                }
+            }
             if self.primary().is_none() && self.now >= next_promote {
                 if self.alive(who) {
                     self.log(|| format!("liveness: operator promotes {}", NODES[who]));

@@ -1,0 +1,176 @@
+//! Takeover and failback on two real daemons: a forced takeover after kill -9 of the
+//! primary, failback to the returning node, and a split brain that moves no data until an
+//! operator resolves it.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn require_qemu() -> bool {
+    if !have("qemu-io") || !have("qemu-img") {
+        if std::env::var("CI").is_ok() {
+            panic!("qemu-io/qemu-img missing in CI (install qemu-utils)");
+        }
+        eprintln!("skipping: qemu-io/qemu-img not installed (apt-get install qemu-utils)");
+        return false;
+    }
+    true
+}
+
+fn kill9(p: &Pair, i: usize) {
+    let pid = p.status(i)["pid"].as_u64().expect("daemon running");
+    let st = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    while Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "pid {pid} lives on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn json(p: &Pair, i: usize, args: &[&str]) -> Value {
+    let out = p.ok(i, args);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+}
+
+fn generation(s: &Value) -> u64 {
+    s["engine"]["generation"].as_u64().unwrap()
+}
+
+#[test]
+fn forced_takeover_after_kill9_then_failback() {
+    if !require_qemu() {
+        return;
+    }
+    let p = Pair::new("takeover", "async", 32 * MIB);
+    p.start(0);
+    p.qemu_io_ok(0, &["write -P 0x11 0 4M", "flush"]);
+    p.wait_in_sync(0);
+    let gen_a = generation(&p.status(0));
+
+    // The primary site is lost.
+    kill9(&p, 0);
+    p.wait_for(1, "link down", |s| s["engine"]["conn"] != "connected");
+    // A planned promote is refused without the peer; --force takes over.
+    let out = p.blkrep(1, &["promote", "--timeout", "1"]);
+    assert!(
+        !out.status.success(),
+        "planned promote without peer succeeded"
+    );
+    let msg = p.ok(1, &["promote", "--force"]);
+    assert!(msg.contains("forced takeover"), "{msg}");
+    let s = p.status(1);
+    assert_eq!(s["engine"]["role"], "primary");
+    let gen_b = generation(&s);
+    assert_ne!(gen_b, gen_a, "a forced takeover starts a new generation");
+    assert_eq!(s["engine"]["history"][0].as_u64(), Some(gen_a));
+
+    // The takeover serves the replicated data and takes new writes.
+    p.qemu_io_ok(1, &["read -P 0x11 0 4M", "write -P 0x22 8M 2M", "flush"]);
+
+    // The plan, before the old primary returns: this node is the source.
+    let plan = json(&p, 1, &["failback", "--plan", "--json"]);
+    assert_eq!(plan["direction"], "local_to_peer", "{plan:#}");
+    assert_eq!(plan["relation"], "peer_behind", "{plan:#}");
+
+    // The old primary returns (as secondary) and is resynced from the new one.
+    p.ok(0, &["up"]);
+    let sa = p.status(0);
+    assert_eq!(sa["engine"]["role"], "secondary");
+    p.wait_in_sync(1);
+    p.wait_for(0, "old primary follows the new generation", |s| {
+        generation(s) == gen_b && s["engine"]["disk_state"] == "up_to_date"
+    });
+    p.qemu_io_with_ok(0, &["-r"], &["read -P 0x22 8M 2M", "read -P 0x11 0 4M"]);
+
+    // Failback: a planned switchover back to the original site.
+    p.ok(1, &["demote"]);
+    p.ok(0, &["promote", "--timeout", "20"]);
+    p.qemu_io_ok(0, &["read -P 0x22 8M 2M", "write -P 0x33 16M 1M", "flush"]);
+    p.wait_in_sync(0);
+    p.down();
+    assert_eq!(hash_file(&p.backing(0)), hash_file(&p.backing(1)));
+    assert!(qemu_img_same(&p.backing(0), &p.backing(1)));
+}
+
+#[test]
+fn split_brain_moves_nothing_until_resolved() {
+    if !require_qemu() {
+        return;
+    }
+    let p = Pair::new("splitbrain", "async", 16 * MIB);
+    p.start(0);
+    p.qemu_io_ok(0, &["write -P 0x11 0 1M", "flush"]);
+    p.wait_in_sync(0);
+
+    // The sites separate; alpha keeps writing on its own...
+    p.ok(1, &["down"]);
+    p.qemu_io_ok(0, &["write -P 0x33 1M 1M", "flush"]);
+    p.ok(0, &["down"]);
+    // ...and beta takes over on its own and writes too.
+    p.ok(1, &["up"]);
+    p.ok(1, &["promote", "--force"]);
+    p.qemu_io_ok(1, &["write -P 0x44 2M 1M", "flush"]);
+
+    // They meet again: both report the split brain, and no data moves.
+    p.ok(0, &["up"]);
+    for i in 0..2 {
+        p.wait_for(i, "split brain reported", |s| {
+            s["engine"]["split_brain"] == true
+        });
+    }
+    let before = [hash_file(&p.backing(0)), hash_file(&p.backing(1))];
+    std::thread::sleep(Duration::from_secs(3));
+    for i in 0..2 {
+        let s = p.status(i);
+        assert_eq!(s["engine"]["split_brain"], true, "{s:#}");
+        assert_ne!(s["engine"]["conn"], "connected", "{s:#}");
+    }
+    let after = [hash_file(&p.backing(0)), hash_file(&p.backing(1))];
+    assert_eq!(before, after, "data moved during a split brain");
+    let text = p.ok(0, &["status"]);
+    assert!(text.contains("SPLIT BRAIN"), "{text}");
+    for i in 0..2 {
+        let plan = json(&p, i, &["failback", "--plan", "--json"]);
+        assert_eq!(plan["direction"], "split_brain", "{plan:#}");
+    }
+    // The primary cannot discard its own data; the command is refused with the reason.
+    let out = p.blkrep(1, &["resolve", "--discard-local"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("demote"));
+
+    // The operator gives up alpha's changes.
+    let msg = p.ok(0, &["resolve", "--discard-local"]);
+    assert!(msg.contains("split brain resolved"), "{msg}");
+    p.wait_in_sync(1);
+    p.wait_for(0, "alpha up to date", |s| {
+        s["engine"]["disk_state"] == "up_to_date" && s["engine"]["split_brain"] == false
+    });
+    // Alpha now equals beta: beta's write is there, alpha's own write is gone.
+    p.qemu_io_with_ok(
+        0,
+        &["-r"],
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x00 1M 1M",
+            "read -P 0x44 2M 1M",
+        ],
+    );
+    let events = p.log(0);
+    assert!(events.contains("resolve"), "resolve not in alpha's log");
+    p.down();
+    assert_eq!(hash_file(&p.backing(0)), hash_file(&p.backing(1)));
+}
