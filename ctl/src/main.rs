@@ -420,7 +420,18 @@ fn down(cfg: &Config, node: &str, timeout: Duration) -> Result<u8, Fail> {
         println!("{}/{node}: not running", cfg.resource.name);
         return Ok(0);
     };
-    call(cfg, node, &Request::Shutdown)?;
+    // A daemon that stops at once may exit before its answer is written: what counts is
+    // that the process goes away.
+    let asked = call(cfg, node, &Request::Shutdown);
+    if let Err(e) = asked {
+        let grace = Instant::now() + Duration::from_secs(2);
+        while pid_alive(pid) && Instant::now() < grace {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if pid_alive(pid) {
+            return Err(e.into());
+        }
+    }
     let deadline = Instant::now() + timeout;
     while pid_alive(pid) {
         if Instant::now() > deadline {

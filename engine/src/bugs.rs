@@ -19,8 +19,9 @@ pub enum Bug {
     /// to hold the whole gap (stand-in for "skip marking the bitmap while disconnected"
     /// until bitmaps exist).
     DropWhileDisconnected = 1 << 3,
-    /// A primary that crashed resumes its peer by sequence instead of the full sync it owes.
-    SkipFullSyncAfterCrash = 1 << 4,
+    /// The activity log records nothing: a write reaches the disk and the wire before its
+    /// extent is in the metadata, so a crash loses track of blocks that may differ.
+    SkipActivityLog = 1 << 4,
     /// A planned promote takes effect at once, on the node's possibly stale view of its
     /// peer, without the peer's confirmation (the road to a split brain).
     PromoteUnconfirmed = 1 << 5,
@@ -33,7 +34,7 @@ impl Bug {
         Bug::SyncAckBeforePeer,
         Bug::FlushAckBeforeDurable,
         Bug::DropWhileDisconnected,
-        Bug::SkipFullSyncAfterCrash,
+        Bug::SkipActivityLog,
         Bug::PromoteUnconfirmed,
     ];
 
@@ -44,7 +45,7 @@ impl Bug {
             Bug::SyncAckBeforePeer => "sync-ack-before-peer",
             Bug::FlushAckBeforeDurable => "flush-ack-before-durable",
             Bug::DropWhileDisconnected => "drop-while-disconnected",
-            Bug::SkipFullSyncAfterCrash => "skip-full-sync-after-crash",
+            Bug::SkipActivityLog => "skip-activity-log",
             Bug::PromoteUnconfirmed => "promote-unconfirmed",
         }
     }

@@ -142,7 +142,7 @@ impl Volume {
                         "resync",
                         format!("peer {node} reports it needs a full sync"),
                     );
-                    self.begin_full_sync();
+                    self.begin_resync(peer_failed);
                 } else {
                     self.start_streaming();
                 }

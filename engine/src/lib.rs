@@ -6,8 +6,10 @@
 //! operations, messages, client completions, events). The daemon drives it with io_uring,
 //! sockets and the real clock; the simulator drives the same code with simulated ones.
 
+mod al;
 pub mod buf;
 pub mod bugs;
+pub mod dirty;
 pub mod generations;
 pub mod msg;
 pub mod types;

@@ -1,6 +1,6 @@
 //! Persistent per-node metadata: format only (encode, decode, validate).
 //!
-//! The metadata area is two 4 KiB slots at offsets 0 and 4096 of the metadata file or
+//! The metadata area is two 64 KiB slots at offsets 0 and 65536 of the metadata file or
 //! device. Every update writes the slot *not* holding the newest copy, with a counter one
 //! higher, and makes it durable; a reader takes the valid slot with the highest counter.
 //! A torn update therefore leaves the previous copy intact. Each slot carries a magic, a
@@ -15,17 +15,22 @@
 //!  16+body_len   blake3(bytes 0 .. 16+body_len), 32 bytes
 //! ```
 
+use crate::dirty::BlockSet;
 use crate::types::{DiskState, Role, Seq};
 
 /// Magic at the start of every metadata slot.
 pub const MAGIC: [u8; 8] = *b"BLKRPMD\0";
-/// Current metadata format version (2 added the generation history; version 1 is still
-/// read, with an empty history).
-pub const FORMAT_VERSION: u32 = 2;
+/// Current metadata format version (2 added the generation history, 3 the dirty set and
+/// 64 KiB slots; older areas are refused with a hint to recreate them).
+pub const FORMAT_VERSION: u32 = 3;
+/// Ranges of the dirty set that fit a slot; a larger set is stored coarsened (a superset).
+pub const MAX_DIRTY_RANGES: usize = 3000;
+/// Default granularity of the dirty set, bytes.
+pub const DEFAULT_BLOCK: u32 = 4096;
 /// Generations kept in the history (newest first); older ones fall off.
 pub const MAX_HISTORY: usize = 16;
 /// Size of one slot.
-pub const SLOT_SIZE: usize = 4096;
+pub const SLOT_SIZE: usize = 64 << 10;
 /// Size of the whole metadata area (two slots).
 pub const AREA_SIZE: usize = 2 * SLOT_SIZE;
 const HEADER: usize = 16;
@@ -49,14 +54,19 @@ pub enum MetaError {
     NoMetadata,
     /// A slot has the magic but a version this build cannot read.
     #[error(
-        "metadata format version {found} is not supported (this build reads {FORMAT_VERSION})"
+        "metadata format version {found} is not supported (this build reads {FORMAT_VERSION}); \
+         metadata of an older blkrep is recreated with `blkrep create-md --force` (the node is \
+         then resynced from its peer)"
     )]
     Version { found: u32 },
     /// The slots carry the magic but none passes its checksum.
     #[error("metadata is corrupt: no slot passes its checksum")]
     Corrupt,
     /// The area is shorter than two slots.
-    #[error("metadata area too small: {len} bytes, need {AREA_SIZE}")]
+    #[error(
+        "metadata area too small: {len} bytes, need {AREA_SIZE} (an older blkrep's area is \
+         recreated with `blkrep create-md --force`)"
+    )]
     TooSmall { len: usize },
     /// The metadata belongs to another resource, node or size.
     #[error("metadata belongs to {what} {found:?}, config says {expected:?}")]
@@ -96,6 +106,9 @@ pub struct Metadata {
     pub disk_state: DiskState,
     /// `FLAG_*` bits.
     pub flags: u32,
+    /// Blocks the peer may lack: the dirty set plus the activity log's hot extents (see
+    /// `engine/src/dirty.rs`); its granularity is the dirty-set block size.
+    pub dirty: BlockSet,
 }
 
 impl Metadata {
@@ -113,6 +126,7 @@ impl Metadata {
             role: Role::Secondary,
             disk_state: DiskState::Inconsistent,
             flags: FLAG_CLEAN,
+            dirty: BlockSet::new(DEFAULT_BLOCK as u64),
         }
     }
 
@@ -163,6 +177,13 @@ impl Metadata {
         for g in &self.history {
             body.extend_from_slice(&g.to_le_bytes());
         }
+        let dirty = self.dirty.coarsened(MAX_DIRTY_RANGES);
+        body.extend_from_slice(&(dirty.block() as u32).to_le_bytes());
+        body.extend_from_slice(&(dirty.ranges() as u32).to_le_bytes());
+        for (s, e) in dirty.iter() {
+            body.extend_from_slice(&s.to_le_bytes());
+            body.extend_from_slice(&e.to_le_bytes());
+        }
         let mut slot = Vec::with_capacity(SLOT_SIZE);
         slot.extend_from_slice(&MAGIC);
         slot.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -180,7 +201,7 @@ impl Metadata {
             return Err(MetaError::NoMetadata);
         }
         let version = u32::from_le_bytes(slot[8..12].try_into().unwrap());
-        if version != FORMAT_VERSION && version != 1 {
+        if version != FORMAT_VERSION {
             return Err(MetaError::Version { found: version });
         }
         let body_len = u32::from_le_bytes(slot[12..16].try_into().unwrap()) as usize;
@@ -204,16 +225,31 @@ impl Metadata {
             disk_state: DiskState::from_code(r.u8()?).ok_or(MetaError::Corrupt)?,
             flags: r.u32()?,
             history: Vec::new(),
+            dirty: BlockSet::new(DEFAULT_BLOCK as u64),
         };
         let mut m = m;
-        if version >= 2 {
-            let n = r.u8()? as usize;
-            if n > MAX_HISTORY {
+        let n = r.u8()? as usize;
+        if n > MAX_HISTORY {
+            return Err(MetaError::Corrupt);
+        }
+        for _ in 0..n {
+            m.history.push(r.u64()?);
+        }
+        let block = r.u32()? as u64;
+        if !block.is_power_of_two() || !(512..=(1 << 30)).contains(&block) {
+            return Err(MetaError::Corrupt);
+        }
+        m.dirty = BlockSet::new(block);
+        let n = r.u32()? as usize;
+        if n > MAX_DIRTY_RANGES {
+            return Err(MetaError::Corrupt);
+        }
+        for _ in 0..n {
+            let (s, e) = (r.u64()?, r.u64()?);
+            if s >= e || e > m.volume_size.div_ceil(block) * block {
                 return Err(MetaError::Corrupt);
             }
-            for _ in 0..n {
-                m.history.push(r.u64()?);
-            }
+            m.dirty.insert(s, e);
         }
         Ok(m)
     }
@@ -336,6 +372,25 @@ mod tests {
         assert_eq!(m.history[0], 138);
         let area = [m.encode_slot().unwrap(), vec![0; SLOT_SIZE]].concat();
         assert_eq!(Metadata::decode_area(&area).unwrap().0, m);
+    }
+
+    #[test]
+    fn dirty_set_roundtrips_and_coarsens_when_large() {
+        let mut m = sample();
+        m.dirty.insert(0, 8192);
+        m.dirty.insert(1 << 20, (1 << 20) + 4096);
+        let area = [m.encode_slot().unwrap(), vec![0; SLOT_SIZE]].concat();
+        assert_eq!(Metadata::decode_area(&area).unwrap().0, m);
+        let mut big = sample();
+        for i in 0..(MAX_DIRTY_RANGES as u64 * 2) {
+            big.dirty.insert(i * 8192, i * 8192 + 4096);
+        }
+        let area = [big.encode_slot().unwrap(), vec![0; SLOT_SIZE]].concat();
+        let back = Metadata::decode_area(&area).unwrap().0;
+        assert!(back.dirty.ranges() <= MAX_DIRTY_RANGES);
+        for (s, e) in big.dirty.iter() {
+            assert!(back.dirty.contains(s, e), "coarsening lost {s}..{e}");
+        }
     }
 
     #[test]

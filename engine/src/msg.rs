@@ -39,6 +39,9 @@ pub struct Hello {
     /// The generations the sender's data held before, newest first (see
     /// [`crate::generations`]).
     pub history: Vec<u64>,
+    /// The sender's dirty set (blocks its peer may lack, activity log included) as byte
+    /// ranges: a primary resyncing this sender adds them to its own.
+    pub dirty: Vec<(u64, u64)>,
     /// True when the sender needs a full sync from its peer (fresh or interrupted sync).
     pub needs_full_sync: bool,
 }

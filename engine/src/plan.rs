@@ -32,8 +32,10 @@ pub enum Method {
     InSync,
     /// The replication stream resumes where the target stopped.
     Stream,
-    /// The whole volume is copied (changed-block tracking is not built yet).
+    /// The whole volume is copied.
     FullSync,
+    /// Only the blocks either side changed (both dirty sets) are copied.
+    Resync,
     /// Waits for `blkrep resolve`.
     OperatorDecision,
     /// Not known until the peer is heard from.
@@ -65,6 +67,9 @@ pub struct Plan {
     pub blocks: u64,
     /// Block size of the count.
     pub block_size: u64,
+    /// The peer was last heard as primary: the blocks it changed on its own (its
+    /// activity log) are not counted yet; they are added when it reconnects.
+    pub peer_dirty_unknown: bool,
     /// One sentence for a person.
     pub summary: String,
 }
@@ -87,6 +92,7 @@ impl Volume {
             bytes: 0,
             blocks: 0,
             block_size: PLAN_BLOCK,
+            peer_dirty_unknown: false,
             summary: String::new(),
         };
         let Some(peer) = self.last_peer.as_ref() else {
@@ -128,7 +134,7 @@ impl Volume {
         };
         let (target_needs_full, target_name) = if local_source {
             (
-                peer.needs_full_sync || self.peer_needs_full_sync,
+                peer.needs_full_sync || !self.dirty.is_empty() || !peer.dirty.is_empty(),
                 peer.node.clone(),
             )
         } else {
@@ -141,9 +147,36 @@ impl Volume {
         };
         let same_line = rel == Relation::Same
             || local_source && Some(peer.generation) == self.bumped_from && peer.generation != 0;
+        let whole = peer.generation == 0
+            || self.meta.generation == 0
+            || peer.disk_state == crate::types::DiskState::Failed
+            || self.disk_state == crate::types::DiskState::Failed;
         if target_needs_full || !same_line {
-            p.method = Method::FullSync;
-            p.bytes = size;
+            // Both dirty sets, as the resync will take them (the source adds its queue).
+            let mut set = self.dirty.clone();
+            // A peer last heard as secondary reported its own dirty set; one last heard as
+            // primary reports it only when it returns (its activity log: at most a few
+            // extents of what it wrote last).
+            if peer.role == Role::Secondary {
+                for &(s, e) in &peer.dirty {
+                    set.insert(s, e.min(size));
+                }
+            } else {
+                p.peer_dirty_unknown = true;
+            }
+            if local_source {
+                for q in self.queue.iter().filter(|q| q.item.seq > self.peer_durable) {
+                    if let Some((s, e)) = q.item.range() {
+                        set.insert(s, e);
+                    }
+                }
+            }
+            p.bytes = if whole { size } else { set.bytes().min(size) };
+            p.method = if p.bytes >= size {
+                Method::FullSync
+            } else {
+                Method::Resync
+            };
         } else if local_source {
             let (_, lag_bytes, _) = self.lag();
             p.method = if lag_bytes == 0 && self.peer_applied >= self.last_seq {
@@ -161,7 +194,18 @@ impl Volume {
         } else {
             peer.node.clone()
         };
+        let extra = if p.peer_dirty_unknown {
+            " (plus the blocks the peer reports as possibly changed on its side when it \
+             reconnects: at most its activity log's extents)"
+        } else {
+            ""
+        };
         p.summary = match p.method {
+            Method::Resync => format!(
+                "{from} -> {target_name}: resync of the changed blocks only, {} bytes ({} \
+                 blocks of {PLAN_BLOCK}){extra}; {target_name} is Inconsistent until it completes",
+                p.bytes, p.blocks
+            ),
             Method::FullSync => format!(
                 "{from} -> {target_name}: full sync of {} bytes ({} blocks of {PLAN_BLOCK}); \
                  {target_name} is Inconsistent until it completes",

@@ -6,6 +6,7 @@
 //! local image and the replica then see overlapping writes in the same order.
 
 use crate::bugs::{self, Bug};
+use crate::generations::Relation;
 use crate::msg::{ItemKind, Msg, StreamItem};
 use crate::ranges::overlap;
 use crate::types::*;
@@ -169,12 +170,17 @@ impl Volume {
         } else {
             dep
         };
-        self.enqueue(StreamItem {
+        let in_dirty = self.enqueue(StreamItem {
             seq,
             dep,
             resync: false,
             kind: item,
         });
+        if let Some((start, len, _)) = &local {
+            if *len > 0 {
+                self.al_note(*start, start + len, seq, in_dirty);
+            }
+        }
         match local {
             None if bugs::on(Bug::FlushAckBeforeDurable) => {
                 self.local_write_done(req, None, Ok(None));
@@ -188,7 +194,13 @@ impl Volume {
             }
             Some((start, len, kind)) => {
                 let end = start + len;
-                if self.local_inflight.overlaps(start, end)
+                let covered = self.al_covered(start, end);
+                if !covered {
+                    // The activity log records the extent first (see al.rs).
+                    self.persist_meta();
+                }
+                if !covered
+                    || self.local_inflight.overlaps(start, end)
                     || self
                         .blocked
                         .iter()
@@ -242,42 +254,68 @@ impl Volume {
         self.issue(Purpose::ClientWrite { req, start }, kind);
     }
 
-    /// Put an item into the ship queue (and on the wire when streaming).
-    fn enqueue(&mut self, item: StreamItem) {
+    /// Put an item into the ship queue (and on the wire when streaming), or, when the peer
+    /// is away and will need a resync anyway, into the dirty set. True for the latter.
+    fn enqueue(&mut self, item: StreamItem) -> bool {
         if !self.streaming && bugs::on(Bug::DropWhileDisconnected) {
-            return;
+            return false;
         }
-        if self.peer_needs_full_sync && self.resync.is_none() {
-            // A full sync will cover this item; nothing to keep.
-            return;
+        if !self.streaming && (!self.dirty.is_empty() || self.resync.is_some()) {
+            // A resync follows on reconnect: it brings this block too.
+            if let Some((s, e)) = item.range() {
+                self.mark_dirty(s, e);
+            }
+            return true;
         }
         let len = item.payload_len();
         if !self.streaming && self.queue_bytes + len > self.cfg.queue_limit {
             self.event(
                 "overflow",
                 format!(
-                    "ship queue full ({} bytes) while the peer is away: the peer will need a \
-                     full sync",
+                    "ship queue full ({} bytes) while the peer is away: from now on the blocks \
+                     written are tracked in the dirty set and resynced on reconnect",
                     self.queue_bytes
                 ),
             );
-            self.queue.clear();
-            self.queue_bytes = 0;
-            self.resync = None;
-            self.peer_needs_full_sync = true;
+            self.fold_queue_into_dirty();
+            if let Some((s, e)) = item.range() {
+                self.mark_dirty(s, e);
+            }
             self.persist_meta();
-            return;
-        }
-        let sent = self.streaming;
-        if sent {
-            self.send(Msg::Item(item.clone()));
+            return true;
         }
         self.queue_bytes += len;
         self.queue.push_back(Queued {
             item,
-            sent,
+            sent: false,
             at_ns: self.now,
         });
+        false
+    }
+
+    /// Send queued items in order, from `ship_cursor` on, while the peer is streaming and
+    /// each item's activity-log extents are on disk: an item must never reach the peer
+    /// before this node could tell, after a crash, that the block may differ (the peer
+    /// would hold a write this node lost with its cache, and nobody would know).
+    pub(crate) fn ship_pending(&mut self) {
+        if !self.streaming || self.role != Role::Primary {
+            return;
+        }
+        let cursor = self.ship_cursor;
+        let mut i = self.queue.partition_point(|q| q.item.seq < cursor);
+        while i < self.queue.len() {
+            let q = &self.queue[i];
+            let covered =
+                q.item.resync || q.item.range().is_none_or(|(s, e)| self.al_covered(s, e));
+            if !covered {
+                break;
+            }
+            let item = q.item.clone();
+            self.ship_cursor = item.seq + 1;
+            self.queue[i].sent = true;
+            self.send(Msg::Item(item));
+            i += 1;
+        }
     }
 
     pub(crate) fn local_write_done(
@@ -288,6 +326,9 @@ impl Volume {
     ) {
         if let Some(s) = start {
             self.local_inflight.remove(s);
+        }
+        if let Some(seq) = self.pending.get(&req).map(|p| p.seq) {
+            self.local_seq_done(seq);
         }
         if let Some(p) = self.pending.get_mut(&req) {
             p.local_done = true;
@@ -367,12 +408,17 @@ impl Volume {
     }
 
     /// Issue blocked writes that no longer overlap anything earlier.
-    fn unblock(&mut self) {
+    pub(crate) fn unblock(&mut self) {
         let mut i = 0;
         while i < self.blocked.len() {
             let b = &self.blocked[i];
             let (start, end) = (b.start, b.end);
+            let covered = self.al_covered(start, end);
+            if !covered && !self.meta_in_flight {
+                self.al_request(start, end);
+            }
             let clear = !self.local_inflight.overlaps(start, end)
+                && covered
                 && !self
                     .blocked
                     .iter()
@@ -412,15 +458,17 @@ impl Volume {
             let Some(r) = self.resync.as_ref() else {
                 return;
             };
-            if r.cursor >= size {
+            let Some((start, end)) = self.dirty.next_chunk(r.cursor, chunk) else {
+                break;
+            };
+            let end = end.min(size);
+            if start >= end {
                 break;
             }
             if r.reads_in_flight >= self.cfg.resync_depth || self.queue_full() {
                 return;
             }
-            let start = r.cursor;
-            let len = chunk.min(size - start);
-            let end = start + len;
+            let len = end - start;
             if self.local_inflight.overlaps(start, end)
                 || self
                     .blocked
@@ -483,6 +531,8 @@ impl Volume {
                 };
                 self.last_seq += 1;
                 let seq = self.last_seq;
+                self.local_seq_done(seq);
+                self.resync_items.insert(seq, (start, start + len));
                 self.enqueue(StreamItem {
                     seq,
                     dep: 0,
@@ -509,19 +559,15 @@ impl Volume {
         }
         // The handshake refused a peer with newer or diverged data already. A peer on this
         // generation, or on the one this primary left by its own divergence, holds a prefix
-        // of this node's stream; any other has to be synced in full.
+        // of this node's stream; one behind on an older generation lacks the blocks of both
+        // dirty sets; one that never held data (generation 0) or lost its disk lacks all.
         let same_line = peer.generation == self.meta.generation
             || Some(peer.generation) == self.bumped_from && peer.generation != 0;
-        let full = peer.needs_full_sync || self.peer_needs_full_sync || !same_line;
+        let full = peer.disk_state == DiskState::Failed
+            || peer.generation == 0
+            || !same_line && self.relation != Some(Relation::PeerBehind);
         self.gen_shared = true;
-        if peer.disk_state == DiskState::Failed {
-            // Whatever the peer applied of a running full sync is gone with its disk.
-            self.streaming = true;
-            self.peer_applied = peer.applied_seq;
-            self.begin_full_sync();
-            return;
-        }
-        if !full && peer.applied_seq > self.last_seq {
+        if !full && same_line && !peer.needs_full_sync && peer.applied_seq > self.last_seq {
             self.refuse(format!(
                 "peer {} has applied sequence {} beyond this primary's {}: it holds writes this \
                  node never made",
@@ -537,39 +583,26 @@ impl Volume {
                 && self.queue.front().is_none_or(|q| q.item.seq <= from + 1)
                 && (self.queue.back().map_or(from, |q| q.item.seq) == self.last_seq
                     || from == self.last_seq);
+        let resume = !full
+            && same_line
+            && covered
+            && !peer.needs_full_sync
+            && peer.dirty.is_empty()
+            && self.dirty.is_empty()
+            && self.resync.is_none();
         self.streaming = true;
         self.peer_applied = from;
-        // A running full sync is resumed only with a peer that knows it is its target (it
-        // got the start message and is Inconsistent). A peer that says otherwise never
-        // got the start (lost with its link): resuming would feed it resync data while it
-        // still calls itself consistent. Start over instead.
-        let resumable = covered && self.resync.is_some() && peer.needs_full_sync;
-        if full && !resumable {
-            self.begin_full_sync();
-            return;
-        }
-        if !covered {
-            self.begin_full_sync();
+        if !resume {
+            self.begin_resync(full);
             return;
         }
         // Resume: resend whatever the peer has not applied.
-        let mut resend = Vec::new();
         for q in self.queue.iter_mut() {
-            if q.item.seq > from {
-                q.sent = true;
-                resend.push(q.item.clone());
-            } else {
-                q.sent = false;
-            }
+            q.sent = false;
         }
-        let n = resend.len();
-        for item in resend {
-            self.send(Msg::Item(item));
-        }
-        if let Some(r) = self.resync.as_mut() {
-            r.done_sent = false;
-            self.conn_state = ConnState::SyncSource;
-        }
+        let n = self.queue.iter().filter(|q| q.item.seq > from).count();
+        self.ship_cursor = from + 1;
+        self.ship_pending();
         self.event(
             "stream",
             format!(
@@ -581,45 +614,67 @@ impl Volume {
         self.release_waiters();
     }
 
-    pub(crate) fn begin_full_sync(&mut self) {
+    /// Start (or restart) a resync of the dirty set — plus the peer's own dirty set, and
+    /// the whole volume when `full` — to a connected secondary. A restart after an
+    /// interruption moves only what the peer does not yet hold durably.
+    pub(crate) fn begin_resync(&mut self, full: bool) {
         if self.disk_state == DiskState::Failed {
             // Never read a failed disk to overwrite a peer with it.
             self.refuse(
-                "the peer needs a full sync, but this node's disk failed: promote the peer \
+                "the peer needs a resync, but this node's disk failed: promote the peer \
                  (demote this node first)"
                     .into(),
             );
             return;
         }
         let base = self.last_seq;
-        self.queue.clear();
-        self.queue_bytes = 0;
+        self.fold_queue_into_dirty();
+        if full {
+            self.mark_dirty(0, self.cfg.volume_size);
+        }
+        let peer_dirty = self
+            .peer
+            .as_ref()
+            .map(|p| p.dirty.clone())
+            .unwrap_or_default();
+        for (s, e) in peer_dirty {
+            self.mark_dirty(s, e);
+        }
+        self.resync_items.clear();
+        self.ship_cursor = base + 1;
         self.stream_base = base;
         self.peer_applied = base;
+        self.peer_durable = base;
         self.resync_epoch += 1;
+        let total = self.dirty.bytes();
         self.resync = Some(Resync {
             epoch: self.resync_epoch,
             cursor: 0,
             reads_in_flight: 0,
-            total: self.cfg.volume_size,
+            total,
             started_ns: self.now,
             done_seq: None,
             done_sent: false,
         });
         self.resync_bytes_done = 0;
-        self.peer_needs_full_sync = true;
         self.conn_state = ConnState::SyncSource;
         self.send(Msg::ResyncStart {
-            total_bytes: self.cfg.volume_size,
+            total_bytes: total,
             base_seq: base,
             generation: self.meta.generation,
         });
         self.persist_meta();
+        let size = self.cfg.volume_size;
         self.event(
             "resync",
             format!(
-                "full sync to the peer started ({} bytes, stream continues after sequence {base})",
-                self.cfg.volume_size
+                "resync to the peer started: {total} of {size} bytes{} (stream continues \
+                 after sequence {base})",
+                if total >= size {
+                    ", full"
+                } else {
+                    ", changed blocks only"
+                }
             ),
         );
         self.release_waiters();
@@ -651,6 +706,15 @@ impl Volume {
         if durable > self.peer_durable {
             self.peer_durable = durable;
         }
+        // Resynced blocks the peer holds durably leave the dirty set.
+        while let Some((&seq, &(s, e))) = self.resync_items.first_key_value() {
+            if seq > self.peer_durable {
+                break;
+            }
+            self.resync_items.pop_first();
+            self.dirty.remove(s, e);
+            self.dirty_gen += 1;
+        }
         while let Some(q) = self.queue.front() {
             if q.item.seq > self.peer_durable.min(self.peer_applied) {
                 break;
@@ -667,10 +731,9 @@ impl Volume {
         if confirmed {
             let total = self.resync.as_ref().map_or(0, |r| r.total);
             self.resync = None;
-            self.peer_needs_full_sync = false;
             self.conn_state = ConnState::Connected;
             self.persist_meta();
-            self.event("resync", format!("full sync complete ({total} bytes)"));
+            self.event("resync", format!("resync complete ({total} bytes)"));
         }
     }
 }

@@ -188,6 +188,22 @@ impl Volume {
             "role",
             format!("peer {name} is becoming primary (confirmed)"),
         );
+        // The peer applied everything this node issued (its promote checks that) and makes
+        // it durable before taking the role: nothing here is missing there any more.
+        // (Not after a crash here: this node may have lost writes the peer holds.)
+        let peer_has_all = self.relation == Some(Relation::Same)
+            && !self.crashed_primary
+            && self.disk_state == DiskState::UpToDate
+            && self
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.applied_seq >= self.applied.max(self.last_seq));
+        if peer_has_all && !(self.dirty.is_empty() && self.hot.is_empty()) {
+            self.dirty = crate::dirty::BlockSet::new(self.dirty.block());
+            self.dirty_gen += 1;
+            self.hot.clear();
+            self.persist_meta();
+        }
         self.send(Msg::PromoteGrant { nonce });
     }
 
@@ -291,15 +307,15 @@ impl Volume {
             .max(peer.received_seq);
         self.completed_max = self.last_seq;
         self.stream_base = self.last_seq;
+        self.reset_local_watermarks();
         self.streaming = false;
         if fresh_pair {
             self.meta.generation = new_generation;
-            self.peer_needs_full_sync = true;
+            self.mark_dirty(0, self.cfg.volume_size);
         }
-        if self.crashed_primary {
-            self.peer_needs_full_sync = true;
-            self.crashed_primary = false;
-        }
+        // A crashed primary's possibly unshipped writes are in its dirty set (its activity
+        // log's extents): the resync to the peer covers them.
+        self.crashed_primary = false;
         self.gen_shared = true;
         self.bumped_from = None;
         self.meta.set(FLAG_CLEAN, false);
@@ -387,10 +403,10 @@ impl Volume {
         self.last_seq = self.applied.max(self.last_received) + FORCED_SEQ_GAP;
         self.completed_max = self.last_seq;
         self.stream_base = self.last_seq;
+        self.reset_local_watermarks();
         self.streaming = false;
         self.queue.clear();
         self.queue_bytes = 0;
-        self.peer_needs_full_sync = true;
         self.crashed_primary = false;
         self.gen_shared = false;
         self.bumped_from = None;
@@ -420,11 +436,29 @@ impl Volume {
         }
         let old = self.meta.generation;
         let was_split = self.split_brain;
-        // Generation 0 is behind anyone: the peer resyncs this node in full.
-        self.meta.new_generation(0);
+        // Step back to the newest generation both sides share: the peer is then ahead, and
+        // resyncs the blocks either side changed since (both dirty sets). Without a shared
+        // one, generation 0: behind anyone, a full sync.
+        let peer_line: Vec<u64> = self
+            .last_peer
+            .as_ref()
+            .map(|p| {
+                std::iter::once(p.generation)
+                    .chain(p.history.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let common = self
+            .meta
+            .history
+            .iter()
+            .copied()
+            .find(|g| *g != 0 && peer_line.contains(g))
+            .unwrap_or(0);
+        self.meta.new_generation(common);
+        self.meta.history.retain(|&g| g != common);
         self.disk_state = DiskState::Outdated;
         self.crashed_primary = false;
-        self.peer_needs_full_sync = false;
         self.split_brain = false;
         self.refused_reason = None;
         if self.conn_state == ConnState::Refused {
@@ -433,12 +467,18 @@ impl Volume {
         self.recompute_relation();
         self.persist_meta();
         let msg = format!(
-            "local changes discarded by operator{}: generation {old:016x} given up; this node \
-             is Outdated and takes the peer's data by a full sync on the next connect",
+            "local changes discarded by operator{}: generation {old:016x} given up (back to \
+             {common:016x}); this node is Outdated and takes the peer's data by a resync on the \
+             next connect ({})",
             if was_split {
                 " (split brain resolved)"
             } else {
                 ""
+            },
+            if common == 0 {
+                "the whole volume"
+            } else {
+                "the blocks either side changed"
             }
         );
         self.event("resolve", msg.clone());
@@ -473,6 +513,10 @@ impl Volume {
         }
         self.applied = self.last_seq;
         self.last_received = self.last_seq;
+        // What the peer may not hold durably is kept as dirty blocks; the activity log's
+        // job (tracking a primary's writes) ends here.
+        self.fold_queue_into_dirty();
+        self.hot.clear();
         self.meta.set(FLAG_CLEAN, true);
         self.checkpoint();
         self.event("role", "demoted to secondary by operator".into());

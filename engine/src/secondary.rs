@@ -173,7 +173,7 @@ impl Volume {
             return;
         }
         let upto = match self.role {
-            Role::Primary => self.last_seq,
+            Role::Primary => self.local_contig,
             Role::Secondary => self.applied,
         };
         self.applier.checkpointing = true;
@@ -192,6 +192,9 @@ impl Volume {
             self.disk_failed("an fsync", e);
             return;
         }
+        if self.role == Role::Primary && self.disk_state != DiskState::Failed {
+            self.local_durable = self.local_durable.max(upto);
+        }
         // A disk that failed while this fsync was in flight counts nothing it covered.
         if self.role == Role::Secondary && self.disk_state != DiskState::Failed {
             self.flushed = self.flushed.max(upto);
@@ -201,6 +204,10 @@ impl Volume {
                     self.disk_state = DiskState::UpToDate;
                     // The generation of the data just received (not of whoever is
                     // connected now: the link may have dropped meanwhile).
+                    // What this node lacked or held on its own is replaced now.
+                    self.dirty = crate::dirty::BlockSet::new(self.dirty.block());
+                    self.dirty_gen += 1;
+                    self.hot.clear();
                     if self.meta.generation != self.applier.resync_generation {
                         self.meta.new_generation(self.applier.resync_generation);
                     }
@@ -290,6 +297,7 @@ impl Volume {
         // Whatever this node held (even writes of its own from before a crash) is replaced.
         self.crashed_primary = false;
         self.conn_state = ConnState::SyncTarget;
+        self.last_ack = (Seq::MAX, Seq::MAX);
         self.persist_meta();
         self.event(
             "resync",
@@ -303,6 +311,8 @@ impl Volume {
         }
         self.applier.resync_done_seq = Some(seq);
         self.applier.resync_generation = generation;
+        // Answer even if the position did not move: an empty resync ends with this ack.
+        self.last_ack = (Seq::MAX, Seq::MAX);
         self.check_resync_target_done();
     }
 }

@@ -60,9 +60,12 @@ pub struct EngineStatus {
     pub lag_bytes: u64,
     /// Age of the oldest unacknowledged item, seconds (0 when none): the current RPO.
     pub lag_seconds: f64,
-    /// True when the in-memory queue overflowed while disconnected and the peer will need a
-    /// full sync (a persistent journal and bitmaps come in later work).
+    /// True when the peer lacks blocks that only a resync brings.
     pub peer_needs_full_sync: bool,
+    /// Bytes the peer lacks that only a resync brings (the dirty set; a primary's view).
+    pub out_of_sync_bytes: u64,
+    /// Activity-log extents currently hot.
+    pub hot_extents: u64,
     /// Resync progress, when one runs.
     pub resync: Option<ResyncStatus>,
     /// Client writes completed since start.

@@ -9,15 +9,18 @@
 //! connection handshake in `handshake.rs`; they are all `impl Volume` blocks over the state
 //! declared here.
 
+use crate::dirty::BlockSet;
 use crate::generations::Relation;
-use crate::meta::{Metadata, FLAG_CLEAN, FLAG_CRASHED_PRIMARY, FLAG_PEER_NEEDS_FULL_SYNC};
+use crate::meta::{
+    Metadata, FLAG_CLEAN, FLAG_CRASHED_PRIMARY, FLAG_PEER_NEEDS_FULL_SYNC, MAX_DIRTY_RANGES,
+};
 use crate::msg::{Hello, Msg, StreamItem, ENGINE_PROTOCOL_VERSION};
 use crate::ranges::RangeSet;
 use crate::roles::PendingPromote;
 use crate::status::{EngineStatus, ResyncStatus};
 use crate::types::*;
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Static parameters of a volume.
 #[derive(Clone, Debug)]
@@ -48,6 +51,9 @@ pub struct VolumeConfig {
     pub peer_timeout_ns: u64,
     /// On shutdown, a primary waits this long for the peer to acknowledge its queue.
     pub shutdown_drain_ns: u64,
+    /// Activity-log extent, bytes: a primary records an extent in its metadata before
+    /// the first write into it, so a crash never loses track of writes its peer lacks.
+    pub al_extent: u64,
 }
 
 impl VolumeConfig {
@@ -67,6 +73,7 @@ impl VolumeConfig {
             ping_interval_ns: 1_000_000_000,
             peer_timeout_ns: 6_000_000_000,
             shutdown_drain_ns: 5_000_000_000,
+            al_extent: 4 << 20,
         }
     }
 }
@@ -216,8 +223,12 @@ pub struct Probe {
     pub applied: Seq,
     /// Items in the ship queue (primary).
     pub queued: usize,
-    /// Primary: the peer can only be brought up to date by a full sync.
+    /// Primary: the peer lacks blocks only a resync brings (the dirty set is not empty).
     pub peer_needs_full_sync: bool,
+    /// Bytes in the dirty set.
+    pub dirty_bytes: u64,
+    /// A promote is under way (waiting for the peer or for the flush before the role).
+    pub promote_pending: bool,
 }
 
 /// Why a disk operation was issued.
@@ -283,6 +294,14 @@ pub(crate) struct Queued {
     pub item: StreamItem,
     pub sent: bool,
     pub at_ns: u64,
+}
+
+/// An activity-log extent: the newest write into it that went to the stream, and the
+/// newest one recorded in the dirty set instead.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Hot {
+    pub stream_seq: Seq,
+    pub dirty_seq: Seq,
 }
 
 /// State of a full sync run by the primary.
@@ -370,10 +389,34 @@ pub struct Volume {
     pub(crate) stalled: VecDeque<Input>,
     pub(crate) queue: VecDeque<Queued>,
     pub(crate) queue_bytes: u64,
+    /// Primary: the next queue item to send on the current connection.
+    pub(crate) ship_cursor: Seq,
     pub(crate) streaming: bool,
     pub(crate) peer_applied: Seq,
     pub(crate) peer_durable: Seq,
-    pub(crate) peer_needs_full_sync: bool,
+    /// Blocks the peer lacks that the stream will not bring (exact, in memory; persisted
+    /// with every metadata write together with the hot extents).
+    pub(crate) dirty: BlockSet,
+    /// Bumped on every change of `dirty`; compared with `dirty_persisted_gen`.
+    pub(crate) dirty_gen: u64,
+    pub(crate) dirty_persisted_gen: u64,
+    /// Activity log: extents written whose data the peer may lack, by extent index.
+    pub(crate) hot: BTreeMap<u64, Hot>,
+    /// Hot extents recorded by the last completed metadata write.
+    pub(crate) hot_persisted: BTreeSet<u64>,
+    /// Hot extents (and `last_seq`, `dirty_gen`) of the metadata write in flight.
+    pub(crate) meta_snapshot: Option<(BTreeSet<u64>, Seq, u64)>,
+    /// Writes recorded in `dirty` up to this sequence are on disk in the metadata.
+    pub(crate) dirty_persisted_seq: Seq,
+    /// Resync items not yet durable at the peer: their blocks leave `dirty` once they are.
+    pub(crate) resync_items: BTreeMap<Seq, (u64, u64)>,
+    pub(crate) last_meta_ns: u64,
+    pub(crate) last_cool_ns: u64,
+    /// Primary: every sequence `<= local_contig` has completed on the local disk...
+    pub(crate) local_contig: Seq,
+    pub(crate) local_done_above: BTreeSet<Seq>,
+    /// ...and every one `<= local_durable` is durable there (a flush completed after).
+    pub(crate) local_durable: Seq,
     pub(crate) resync: Option<Resync>,
     pub(crate) resync_bytes_done: u64,
     pub(crate) resync_epoch: u64,
@@ -425,15 +468,17 @@ impl Volume {
     /// A volume starting from its persisted metadata. It always starts as Secondary; an
     /// operator (or a later auto-promote policy) promotes it.
     pub fn new(cfg: VolumeConfig, meta: Metadata) -> Volume {
-        let crashed_primary = (meta.has(FLAG_CRASHED_PRIMARY)
-            || meta.role == Role::Primary && !meta.has(FLAG_CLEAN))
-            && !crate::bugs::on(crate::bugs::Bug::SkipFullSyncAfterCrash);
+        let crashed_primary =
+            meta.has(FLAG_CRASHED_PRIMARY) || meta.role == Role::Primary && !meta.has(FLAG_CLEAN);
         let mut disk_state = meta.disk_state;
         if crashed_primary && disk_state == DiskState::UpToDate {
             // Its image is crash-consistent but may hold writes the peer never received.
             disk_state = DiskState::Consistent;
         }
-        let peer_needs_full_sync = meta.has(FLAG_PEER_NEEDS_FULL_SYNC) || crashed_primary;
+        let mut dirty = meta.dirty.clone();
+        if meta.has(FLAG_PEER_NEEDS_FULL_SYNC) {
+            dirty.insert(0, cfg.volume_size);
+        }
         let applied = meta.applied_seq;
         Volume {
             cfg,
@@ -465,10 +510,23 @@ impl Volume {
             stalled: VecDeque::new(),
             queue: VecDeque::new(),
             queue_bytes: 0,
+            ship_cursor: 0,
             streaming: false,
             peer_applied: 0,
             peer_durable: 0,
-            peer_needs_full_sync,
+            dirty,
+            dirty_gen: 0,
+            dirty_persisted_gen: 0,
+            hot: BTreeMap::new(),
+            hot_persisted: BTreeSet::new(),
+            meta_snapshot: None,
+            dirty_persisted_seq: applied,
+            resync_items: BTreeMap::new(),
+            last_meta_ns: 0,
+            last_cool_ns: 0,
+            local_contig: applied,
+            local_done_above: BTreeSet::new(),
+            local_durable: applied,
             resync: None,
             resync_bytes_done: 0,
             resync_epoch: 0,
@@ -534,7 +592,9 @@ impl Volume {
             peer_applied: self.peer_applied,
             applied: self.applied,
             queued: self.queue.len(),
-            peer_needs_full_sync: self.peer_needs_full_sync,
+            peer_needs_full_sync: !self.dirty.is_empty(),
+            dirty_bytes: self.dirty.bytes(),
+            promote_pending: self.pending_promote.is_some(),
         }
     }
 
@@ -592,7 +652,9 @@ impl Volume {
             lag_seconds: oldest
                 .map(|t| self.now.saturating_sub(t) as f64 / 1e9)
                 .unwrap_or(0.0),
-            peer_needs_full_sync: self.peer_needs_full_sync,
+            peer_needs_full_sync: !self.dirty.is_empty(),
+            out_of_sync_bytes: self.dirty.bytes(),
+            hot_extents: self.hot.len() as u64,
             resync,
             client_writes: self.client_writes,
             client_reads: self.client_reads,
@@ -682,6 +744,11 @@ impl Volume {
             },
             generation: self.meta.generation,
             history: self.meta.history.clone(),
+            dirty: self
+                .dirty_on_disk()
+                .coarsened(MAX_DIRTY_RANGES)
+                .iter()
+                .collect(),
             needs_full_sync: self.needs_full_sync(),
         }
     }
@@ -694,6 +761,20 @@ impl Volume {
         ) || self.crashed_primary
     }
 
+    /// The dirty set plus every hot extent: what the metadata records (after a crash,
+    /// all of it counts as possibly lacking at the peer).
+    pub(crate) fn dirty_on_disk(&self) -> BlockSet {
+        let mut set = self.dirty.clone();
+        for &e in self.hot.keys() {
+            let start = e * self.cfg.al_extent;
+            set.insert(
+                start,
+                (start + self.cfg.al_extent).min(self.cfg.volume_size),
+            );
+        }
+        set
+    }
+
     /// Record the current state in the metadata and write it (serialised).
     pub(crate) fn persist_meta(&mut self) {
         self.meta.role = self.role;
@@ -702,13 +783,18 @@ impl Volume {
             Role::Primary => self.last_seq,
             Role::Secondary => self.flushed,
         };
-        self.meta
-            .set(FLAG_PEER_NEEDS_FULL_SYNC, self.peer_needs_full_sync);
+        self.meta.set(FLAG_PEER_NEEDS_FULL_SYNC, false);
         self.meta.set(FLAG_CRASHED_PRIMARY, self.crashed_primary);
         if self.meta_in_flight {
             self.meta_dirty = true;
             return;
         }
+        self.meta.dirty = self.dirty_on_disk();
+        self.meta_snapshot = Some((
+            self.hot.keys().copied().collect(),
+            self.last_seq,
+            self.dirty_gen,
+        ));
         self.meta.counter += 1;
         self.meta_in_flight = true;
         let applied = self.meta.applied_seq;
@@ -753,8 +839,15 @@ impl Volume {
                 disk_state,
             } => {
                 self.meta_in_flight = false;
+                let snapshot = self.meta_snapshot.take();
                 match result {
                     Ok(_) => {
+                        if let Some((hot, seq, gen)) = snapshot {
+                            self.hot_persisted = hot;
+                            self.dirty_persisted_seq = self.dirty_persisted_seq.max(seq);
+                            self.dirty_persisted_gen = gen;
+                        }
+                        self.last_meta_ns = self.now;
                         if disk_state == DiskState::Inconsistent {
                             // The data may be overwritten now (see `on_resync_start`).
                             self.applier.hold_for_meta = false;
@@ -767,6 +860,8 @@ impl Volume {
                     self.meta_dirty = false;
                     self.persist_meta();
                 }
+                // Writes waiting for their activity-log extent may go now.
+                self.unblock();
             }
         }
     }
@@ -790,11 +885,13 @@ impl Volume {
         }
         self.secondary_tick();
         self.promote_tick();
+        self.al_tick();
     }
 
     /// Work that may have become possible after any input.
     fn after_input(&mut self) {
         self.pump_primary();
+        self.ship_pending();
         self.pump_applier();
         self.send_ack_if_moved();
         self.check_shutdown();
@@ -868,9 +965,11 @@ impl Volume {
             self.emit(Output::Stopped);
             return;
         }
-        if self.role == Role::Primary && self.peer_applied < self.last_seq {
-            // The ship queue lives in memory only: the peer will need a full sync.
-            self.peer_needs_full_sync = true;
+        if self.role == Role::Primary {
+            // The ship queue lives in memory only: what the peer does not hold durably
+            // goes to the dirty set (recorded by the final checkpoint's metadata).
+            self.fold_queue_into_dirty();
+            self.hot.clear();
         }
         self.meta.set(FLAG_CLEAN, true);
         self.final_checkpoint_issued = true;

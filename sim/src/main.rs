@@ -247,7 +247,7 @@ fn many(from: u64, count: u64, deadline: Option<Instant>, a: &Args) -> ExitCode 
         );
         let t = &s.totals;
         println!(
-            "  covered: {} writes, {} reads, {} flushes, {} crashes, {} clean restarts, {} partitions, {} resets, {} stalls, {} corrupted frames, {} disk errors, {} connects, {} promotes ({} refused), {} demotes, {} full syncs, {} forced takeovers, {} split brains resolved",
+            "  covered: {} writes, {} reads, {} flushes, {} crashes, {} clean restarts, {} partitions, {} resets, {} stalls, {} corrupted frames, {} disk errors, {} connects, {} promotes ({} refused), {} demotes, {} resyncs, {} forced takeovers, {} split brains resolved",
             t.client_writes_ok, t.client_reads_ok, t.flushes_ok, t.crashes, t.clean_restarts, t.partitions, t.resets, t.stalls, t.garbage_frames, t.disk_errors, t.connects, t.promotes_ok, t.promotes_refused, t.demotes_ok, t.full_syncs, t.forced_takeovers, t.split_brains_resolved
         );
         println!(

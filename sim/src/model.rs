@@ -146,6 +146,26 @@ impl Stream {
         self.fingerprints.retain(|&s, _| s <= base);
     }
 
+    /// A resync starts after `base` from a source whose sectors may hold any of
+    /// `baseline[s]` (its image, or a local write still in flight there). The target ends
+    /// up with those contents wherever the resync does not rewrite a sector, so everything
+    /// up to `base` is redefined as that baseline: a resync that leaves out a sector where
+    /// the two differ is then caught by the prefix check.
+    pub fn rebase(&mut self, base: u64, baseline: &[Vec<Content>]) {
+        self.reset(base);
+        for (s, alts) in baseline.iter().enumerate() {
+            let h = &mut self.per_sector[s];
+            h.clear();
+            for &c in alts {
+                h.push(StreamVersion {
+                    seq: base,
+                    content: c,
+                });
+            }
+        }
+        self.deps.retain(|&s, _| s > base);
+    }
+
     /// An item left the primary. `contents` gives the content of each sector it covers
     /// (empty for a flush). A resend must be identical; a sequence number used again for
     /// something else (without a full sync in between) is a violation.

@@ -18,7 +18,7 @@
 //! from the header so the event loop can hand both to one `sendmsg`).
 
 use crate::wire::{Reader, WireError, Writer};
-use blkrep_engine::meta::MAX_HISTORY;
+use blkrep_engine::meta::{MAX_DIRTY_RANGES, MAX_HISTORY};
 use blkrep_engine::msg::{Hello, ItemKind, Msg, StreamItem};
 use blkrep_engine::{AlignedBuf, DiskState, Role};
 use bytes::Bytes;
@@ -75,6 +75,12 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
             w.u8(n as u8);
             for g in &h.history[..n] {
                 w.u64(*g);
+            }
+            let n = h.dirty.len().min(MAX_DIRTY_RANGES);
+            w.u32(n as u32);
+            for (s, e) in &h.dirty[..n] {
+                w.u64(*s);
+                w.u64(*e);
             }
             (KIND_HELLO, None)
         }
@@ -373,6 +379,21 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
                     }
                     (0..n).map(|_| r.u64()).collect::<Result<_, _>>()?
                 },
+                dirty: {
+                    let n = r.u32()? as usize;
+                    if n > MAX_DIRTY_RANGES {
+                        return Err(WireError::Invalid("dirty set too long"));
+                    }
+                    let mut v = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let (s, e) = (r.u64()?, r.u64()?);
+                        if s >= e {
+                            return Err(WireError::Invalid("empty dirty range"));
+                        }
+                        v.push((s, e));
+                    }
+                    v
+                },
             }),
             KIND_ITEM => {
                 let seq = r.u64()?;
@@ -460,6 +481,7 @@ mod tests {
                 generation: 0xdead_beef,
                 needs_full_sync: true,
                 history: vec![7, 3],
+                dirty: vec![(0, 4096), (1 << 20, 2 << 20)],
             }),
             Msg::Item(StreamItem {
                 seq: 7,

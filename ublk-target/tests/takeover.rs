@@ -50,16 +50,30 @@ fn generation(s: &Value) -> u64 {
     s["engine"]["generation"].as_u64().unwrap()
 }
 
+/// Bytes of every resync node `i` started towards its peer, from its log.
+fn resync_bytes(p: &Pair, i: usize) -> Vec<u64> {
+    p.log(i)
+        .lines()
+        .filter_map(|l| l.split("resync to the peer started: ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect()
+}
+
 #[test]
 fn forced_takeover_after_kill9_then_failback() {
     if !require_qemu() {
         return;
     }
-    let p = Pair::new("takeover", "async", 32 * MIB);
+    let p = Pair::new("takeover", "async", 64 * MIB);
     p.start(0);
     p.qemu_io_ok(0, &["write -P 0x11 0 4M", "flush"]);
     p.wait_in_sync(0);
     let gen_a = generation(&p.status(0));
+    // Idle and in sync: the activity log cools (its extents leave the metadata).
+    p.wait_for(0, "activity log cooled", |s| {
+        s["engine"]["hot_extents"] == 0
+    });
+    std::thread::sleep(Duration::from_millis(800));
 
     // The primary site is lost.
     kill9(&p, 0);
@@ -78,13 +92,30 @@ fn forced_takeover_after_kill9_then_failback() {
     assert_ne!(gen_b, gen_a, "a forced takeover starts a new generation");
     assert_eq!(s["engine"]["history"][0].as_u64(), Some(gen_a));
 
-    // The takeover serves the replicated data and takes new writes.
-    p.qemu_io_ok(1, &["read -P 0x11 0 4M", "write -P 0x22 8M 2M", "flush"]);
+    // The takeover serves the replicated data and takes new writes: N = 6 MiB.
+    const N: u64 = 6 * MIB;
+    p.qemu_io_ok(
+        1,
+        &[
+            "read -P 0x11 0 4M",
+            "write -P 0x22 8M 2M",
+            "write -P 0x23 20M 3M",
+            "write -P 0x24 40M 1M",
+            "flush",
+        ],
+    );
 
-    // The plan, before the old primary returns: this node is the source.
+    // The plan, before the old primary returns: this node is the source, and only the
+    // blocks written during the takeover move.
     let plan = json(&p, 1, &["failback", "--plan", "--json"]);
     assert_eq!(plan["direction"], "local_to_peer", "{plan:#}");
     assert_eq!(plan["relation"], "peer_behind", "{plan:#}");
+    assert_eq!(plan["method"], "resync", "{plan:#}");
+    let planned = plan["bytes"].as_u64().unwrap();
+    assert!(
+        (N..=N + 4 * MIB).contains(&planned),
+        "plan moves {planned} bytes for {N} written"
+    );
 
     // The old primary returns (as secondary) and is resynced from the new one.
     p.ok(0, &["up"]);
@@ -94,7 +125,30 @@ fn forced_takeover_after_kill9_then_failback() {
     p.wait_for(0, "old primary follows the new generation", |s| {
         generation(s) == gen_b && s["engine"]["disk_state"] == "up_to_date"
     });
-    p.qemu_io_with_ok(0, &["-r"], &["read -P 0x22 8M 2M", "read -P 0x11 0 4M"]);
+    p.qemu_io_with_ok(
+        0,
+        &["-r"],
+        &[
+            "read -P 0x22 8M 2M",
+            "read -P 0x23 20M 3M",
+            "read -P 0x24 40M 1M",
+            "read -P 0x11 0 4M",
+        ],
+    );
+    // What moved: the blocks written during the takeover, plus at most the returning
+    // node's own activity-log extents (4 MiB each), never the whole volume.
+    let moved = resync_bytes(&p, 1);
+    assert_eq!(moved.len(), 1, "one resync expected: {moved:?}");
+    assert!(
+        (N..=N + 4 * MIB).contains(&moved[0]),
+        "resync moved {} bytes for {N} written (volume {})",
+        moved[0],
+        64 * MIB
+    );
+    eprintln!(
+        "failback resync: planned {planned} bytes, moved {} bytes, written {N}",
+        moved[0]
+    );
 
     // Failback: a planned switchover back to the original site.
     p.ok(1, &["demote"]);
@@ -171,6 +225,9 @@ fn split_brain_moves_nothing_until_resolved() {
     );
     let events = p.log(0);
     assert!(events.contains("resolve"), "resolve not in alpha's log");
+    // Only the blocks either side wrote after the split moved (1 MiB each).
+    let moved = resync_bytes(&p, 1);
+    assert_eq!(moved.last().copied(), Some(2 * MIB), "resyncs: {moved:?}");
     p.down();
     assert_eq!(hash_file(&p.backing(0)), hash_file(&p.backing(1)));
 }

@@ -25,7 +25,7 @@ impl World {
                     && !self.nodes[1 - i]
                         .vol
                         .as_ref()
-                        .is_some_and(|v| v.role() == Role::Primary),
+                        .is_some_and(|v| v.role() == Role::Primary || v.probe().promote_pending),
                 new_generation: self.rng.next_u64() | 1,
             },
             50..=89 => AdminCmd::Demote,

@@ -311,6 +311,8 @@ impl World {
         v.resync_depth = 4;
         v.checkpoint_bytes = self.faults.checkpoint_bytes;
         v.checkpoint_interval_ns = 200 * MS;
+        // Small activity-log extents, so that resyncs of part of the volume happen.
+        v.al_extent = 16 << 10;
         v
     }
 
@@ -466,7 +468,7 @@ impl World {
                 if e.kind == "resolve" {
                     self.stats.split_brains_resolved += 1;
                 }
-                if e.kind == "resync" && e.message.starts_with("full sync to the peer started") {
+                if e.kind == "resync" && e.message.starts_with("resync to the peer started") {
                     self.stats.full_syncs += 1;
                 }
                 self.log(|| format!("{} event {}: {}", NODES[i], e.kind, e.message));
@@ -658,8 +660,15 @@ fn brief(k: &DiskKind) -> String {
         DiskKind::Trim { offset, len } => format!("trim {}+{}", offset / SECTOR, len / SECTOR),
         DiskKind::Flush => "flush".into(),
         DiskKind::WriteMeta(m) => format!(
-            "meta applied {} role {:?} {:?} flags {}",
-            m.applied_seq, m.role, m.disk_state, m.flags
+            "meta applied {} role {:?} {:?} flags {} dirty {:?}",
+            m.applied_seq,
+            m.role,
+            m.disk_state,
+            m.flags,
+            m.dirty
+                .iter()
+                .map(|(s, e)| format!("{}+{}", s / SECTOR, (e - s) / SECTOR))
+                .collect::<Vec<_>>()
         ),
     }
 }
@@ -687,8 +696,16 @@ fn brief_msg(m: &Msg) -> String {
             )
         }
         Msg::Hello(h) => format!(
-            "hello {:?} {:?} applied {} gen {:x} full {}",
-            h.role, h.disk_state, h.applied_seq, h.generation, h.needs_full_sync
+            "hello {:?} {:?} applied {} gen {:x} full {} dirty {:?}",
+            h.role,
+            h.disk_state,
+            h.applied_seq,
+            h.generation,
+            h.needs_full_sync,
+            h.dirty
+                .iter()
+                .map(|(s, e)| format!("{}+{}", s / SECTOR, (e - s) / SECTOR))
+                .collect::<Vec<_>>()
         ),
         other => format!("{other:?}"),
     }

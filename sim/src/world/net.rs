@@ -49,11 +49,50 @@ impl World {
         );
     }
 
+    /// What each sector of node `i` may hold once its in-flight local writes land: its
+    /// current content, or that of any write still in flight over it.
+    fn baseline(&self, i: usize) -> Vec<Vec<Content>> {
+        let mut v: Vec<Vec<Content>> = self.contents(i).into_iter().map(|c| vec![c]).collect();
+        for p in self.nodes[i].ops.values() {
+            match &p.kind {
+                DiskKind::Write { offset, data, .. } => {
+                    for (k, chunk) in data.chunks(SECTOR as usize).enumerate() {
+                        let s = (offset / SECTOR) as usize + k;
+                        v[s].push(content(chunk, s as u64));
+                    }
+                }
+                DiskKind::WriteZeroes { offset, len, .. } | DiskKind::Trim { offset, len } => {
+                    for s in offset / SECTOR..(offset + len) / SECTOR {
+                        v[s as usize].push(Content::Zero);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Client writes accepted but not yet issued to the disk (waiting behind an
+        // overlapping write or for the activity log) land later too.
+        for r in self.nodes[i].reqs.values() {
+            let c = match r.kind {
+                ReqKind::Write => None,
+                ReqKind::Zeroes | ReqKind::Trim => Some(Content::Zero),
+                _ => continue,
+            };
+            for alts in &mut v[r.first..r.first + r.n] {
+                alts.push(c.unwrap_or(Content::Op(r.op)));
+            }
+        }
+        v
+    }
+
     /// Record what the primary ships, for the replica checks.
     pub(super) fn observe(&mut self, i: usize, msg: &Msg) -> Result<(), Violation> {
         match msg {
             Msg::ResyncStart { base_seq, .. } => {
-                self.stream.reset(*base_seq);
+                let baseline = self.baseline(i);
+                self.stream.rebase(*base_seq, &baseline);
+                // Until the target gets this message its image still follows the old
+                // definition of everything up to the base: leave it alone till then.
+                self.nodes[1 - i].suspect = true;
                 self.nodes[i].resets_seen = self.stream.resets;
                 Ok(())
             }
