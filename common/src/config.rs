@@ -7,6 +7,7 @@
 //! size = "10G"            # bytes, or a string with K/M/G/T (binary) suffix
 //! mode = "sync"           # or "async"
 //! queue_limit = "64M"     # async ship queue bound (in memory for now)
+//! resync_rate = "100M"    # resync bandwidth limit, bytes per second (default: none)
 //! run_dir = "/run/blkrep" # control sockets, NBD sockets, logs
 //! frontend = "auto"       # "ublk", "nbd", or "auto": ublk when /dev/ublk-control exists
 //! ublk_queues = 1         # ublk hardware queues (a node may override both)
@@ -201,6 +202,7 @@ struct RawResource {
     size: Size,
     mode: String,
     queue_limit: Option<Size>,
+    resync_rate: Option<Size>,
     run_dir: Option<PathBuf>,
     frontend: Option<String>,
     ublk_queues: Option<i64>,
@@ -230,6 +232,8 @@ pub struct Resource {
     pub mode: Mode,
     /// Bound of the in-memory ship queue in bytes.
     pub queue_limit: u64,
+    /// Resync bandwidth limit, bytes per second; 0 for none.
+    pub resync_rate: u64,
     /// Directory for control sockets, NBD sockets and logs.
     pub run_dir: PathBuf,
     /// How clients reach the volume.
@@ -321,6 +325,13 @@ impl Config {
                 format!("{queue_limit} bytes is below the minimum of {MIN_QUEUE_LIMIT}"),
             ));
         }
+        let resync_rate = r.resync_rate.map_or(0, |s| s.0);
+        if resync_rate != 0 && resync_rate < 1 << 20 {
+            return Err(invalid(
+                "resource.resync_rate".into(),
+                format!("{resync_rate} bytes per second is below the minimum of 1M"),
+            ));
+        }
         let run_dir = r.run_dir.unwrap_or_else(|| DEFAULT_RUN_DIR.into());
         let frontend = match r.frontend.as_deref() {
             None | Some("auto") => Frontend::Auto,
@@ -398,6 +409,7 @@ impl Config {
                 size,
                 mode,
                 queue_limit,
+                resync_rate,
                 run_dir,
                 frontend,
                 ublk,

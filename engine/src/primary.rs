@@ -469,6 +469,9 @@ impl Volume {
                 return;
             }
             let len = end - start;
+            if !self.resync_budget(len) {
+                return; // the rate limit: the next tick tries again
+            }
             if self.local_inflight.overlaps(start, end)
                 || self
                     .blocked
@@ -498,6 +501,31 @@ impl Volume {
                 self.send(Msg::ResyncDone { seq, generation });
             }
         }
+    }
+
+    /// Take `len` bytes from the resync rate limit's budget (a token bucket holding at
+    /// most a tenth of a second's worth, or one chunk).
+    fn resync_budget(&mut self, len: u64) -> bool {
+        let rate = self.cfg.resync_rate;
+        if rate == 0 {
+            return true;
+        }
+        let cap = (rate / 10).max(self.cfg.resync_chunk);
+        let now = self.now;
+        let Some(r) = self.resync.as_mut() else {
+            return false;
+        };
+        let elapsed = now.saturating_sub(r.budget_ns);
+        let earned = (rate as u128 * elapsed as u128 / 1_000_000_000) as u64;
+        if earned > 0 {
+            r.budget = (r.budget + earned).min(cap);
+            r.budget_ns = now;
+        }
+        if r.budget < len {
+            return false;
+        }
+        r.budget -= len;
+        true
     }
 
     pub(crate) fn resync_read_done(
@@ -655,6 +683,8 @@ impl Volume {
             started_ns: self.now,
             done_seq: None,
             done_sent: false,
+            budget: 0,
+            budget_ns: self.now,
         });
         self.resync_bytes_done = 0;
         self.conn_state = ConnState::SyncSource;

@@ -41,6 +41,8 @@ pub struct VolumeConfig {
     pub resync_chunk: u64,
     /// Full-sync reads in flight at once.
     pub resync_depth: usize,
+    /// Resync bandwidth limit, bytes per second (0: none).
+    pub resync_rate: u64,
     /// The secondary checkpoints (fsync + metadata) after this many unpersisted bytes...
     pub checkpoint_bytes: u64,
     /// ...or after this long, nanoseconds.
@@ -68,6 +70,7 @@ impl VolumeConfig {
             sector: 512,
             resync_chunk: 256 << 10,
             resync_depth: 8,
+            resync_rate: 0,
             checkpoint_bytes: 8 << 20,
             checkpoint_interval_ns: 1_000_000_000,
             ping_interval_ns: 1_000_000_000,
@@ -317,6 +320,9 @@ pub(crate) struct Resync {
     pub done_seq: Option<Seq>,
     /// True once ResyncDone was sent on the current connection.
     pub done_sent: bool,
+    /// Rate limit: bytes that may be read now, and when that was computed.
+    pub budget: u64,
+    pub budget_ns: u64,
 }
 
 /// What the secondary's applier is doing.

@@ -231,3 +231,197 @@ fn split_brain_moves_nothing_until_resolved() {
     p.down();
     assert_eq!(hash_file(&p.backing(0)), hash_file(&p.backing(1)));
 }
+
+/// Add `line` to the config's `[resource]` section.
+fn resource_line(p: &Pair, line: &str) {
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    let text = text.replacen("[resource]\n", &format!("[resource]\n{line}\n"), 1);
+    std::fs::write(&p.config, text).unwrap();
+}
+
+/// Wait until node `i` runs a resync towards its peer that has moved `at_least` bytes.
+fn wait_resync_progress(p: &Pair, i: usize, at_least: u64) -> (u64, u64) {
+    let s = p.wait_for(i, "resync under way", |s| {
+        let r = &s["engine"]["resync"];
+        r["done_bytes"].as_u64().unwrap_or(0) >= at_least.max(1)
+    });
+    let r = &s["engine"]["resync"];
+    (
+        r["done_bytes"].as_u64().unwrap(),
+        r["total_bytes"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn interrupted_resync_resumes_where_it_was() {
+    if !require_qemu() {
+        return;
+    }
+    let p = Pair::new("resume", "async", 64 * MIB);
+    p.start(0);
+    p.qemu_io_ok(0, &["write -P 0x11 0 1M", "flush"]);
+    p.wait_in_sync(0);
+    p.wait_for(0, "activity log cooled", |s| {
+        s["engine"]["hot_extents"] == 0
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    kill9(&p, 0);
+    // 4 MiB/s from now on: the 24 MiB resync below takes six seconds, time to interrupt it
+    // twice (the survivor restarts to read the setting).
+    resource_line(&p, "resync_rate = \"4M\"");
+    p.ok(1, &["down"]);
+    p.ok(1, &["up"]);
+    p.ok(1, &["promote", "--force"]);
+    p.qemu_io_ok(
+        1,
+        &[
+            "write -P 0x31 0 8M",
+            "write -P 0x32 16M 8M",
+            "write -P 0x33 40M 8M",
+            "flush",
+        ],
+    );
+    p.ok(0, &["up"]);
+    // The target checkpoints (makes durable and acknowledges) every 8 MiB or second:
+    // after 10 MiB some of the resync is durable there.
+    let (done1, total1) = wait_resync_progress(&p, 1, 10 * MIB);
+    assert!(
+        total1 >= 24 * MIB && total1 < 64 * MIB,
+        "first resync {total1} bytes"
+    );
+    assert!(done1 < total1);
+    // The rate limit holds (an upper bound: the budget never lets more through).
+    let rate = p.status(1)["engine"]["resync"]["rate_bytes_per_sec"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        rate <= 1.5 * 4.0 * MIB as f64,
+        "resync ran at {rate} B/s, limit 4 MiB/s"
+    );
+
+    // The target dies mid-resync, and comes back.
+    std::thread::sleep(Duration::from_millis(300));
+    kill9(&p, 0);
+    p.wait_for(1, "link down", |s| s["engine"]["conn"] != "connected");
+    p.ok(0, &["up"]);
+    let (_, total2) = wait_resync_progress(&p, 1, 0);
+    assert!(
+        total2 < total1,
+        "the resync started over after the target's crash: {total2} of {total1} bytes"
+    );
+
+    // The source dies mid-resync, comes back, is promoted again and goes on. Its record
+    // of what is left follows the target's durable acknowledgements (and reaches its
+    // metadata within a fraction of a second).
+    let t0 = Instant::now();
+    let (_, _) = wait_resync_progress(&p, 1, 6 * MIB);
+    std::thread::sleep(Duration::from_millis(1200).saturating_sub(t0.elapsed()));
+    kill9(&p, 1);
+    p.wait_for(0, "link down", |s| s["engine"]["conn"] != "connected");
+    p.ok(1, &["up"]);
+    p.ok(1, &["promote", "--timeout", "20"]);
+    let (_, total3) = wait_resync_progress(&p, 1, 0);
+    assert!(
+        total3 < total2,
+        "the resync started over after the source's crash: {total3} of {total2} bytes"
+    );
+    p.wait_in_sync(1);
+    p.qemu_io_with_ok(
+        0,
+        &["-r"],
+        &[
+            "read -P 0x31 0 8M",
+            "read -P 0x32 16M 8M",
+            "read -P 0x33 40M 8M",
+        ],
+    );
+    eprintln!("resync totals: {total1} -> {total2} -> {total3} bytes");
+    p.down();
+    assert_eq!(hash_file(&p.backing(0)), hash_file(&p.backing(1)));
+}
+
+/// A planned switchover A -> B -> A while a client writes without pause: every write the
+/// client saw acknowledged is in the final image, on both nodes.
+#[test]
+fn planned_switchover_under_load_loses_no_acknowledged_write() {
+    use blkrep_tools::nbd_client::NbdClient;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const BLOCKS: u64 = 256;
+    const BS: usize = 4096;
+    for mode in ["async", "sync"] {
+        let p = Pair::new(&format!("switchload-{mode}"), mode, 16 * MIB);
+        p.start(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets = [p.nbd_socket(0), p.nbd_socket(1)];
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut clients: Vec<NbdClient> = sockets
+                    .iter()
+                    .map(|s| NbdClient::connect_unix(s, "r0").expect("connect"))
+                    .collect();
+                let mut at = 0usize;
+                // Newest acknowledged counter per block.
+                let mut acked = vec![0u64; BLOCKS as usize];
+                let (mut c, mut switches) = (1u64, 0u32);
+                while !stop.load(Ordering::Relaxed) {
+                    let block = c % BLOCKS;
+                    let data: Vec<u8> = (0..BS / 8).flat_map(|_| c.to_le_bytes()).collect();
+                    match clients[at]
+                        .write(block * BS as u64, &data, false)
+                        .expect("io")
+                    {
+                        Ok(()) => {
+                            acked[block as usize] = c;
+                            c += 1;
+                        }
+                        Err(_) => {
+                            // Refused (EPERM): the other node is (about to be) primary.
+                            at = 1 - at;
+                            switches += 1;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                }
+                (acked, c, switches)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(700));
+        for (from, to) in [(0, 1), (1, 0)] {
+            // Demote waits for the writes in flight; retry while it says busy.
+            let t0 = Instant::now();
+            loop {
+                let out = p.blkrep(from, &["demote"]);
+                if out.status.success() {
+                    break;
+                }
+                let err = String::from_utf8_lossy(&out.stderr).to_string();
+                assert!(err.contains("busy"), "demote failed: {err}");
+                assert!(t0.elapsed() < Duration::from_secs(20), "demote stays busy");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            p.ok(to, &["promote", "--timeout", "20"]);
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (acked, written, switches) = writer.join().unwrap();
+        assert!(switches >= 2, "the writer never moved: {switches}");
+        p.wait_in_sync(0);
+        p.down();
+        for i in 0..2 {
+            let img = std::fs::read(p.backing(i)).unwrap();
+            for b in 0..BLOCKS as usize {
+                let got = u64::from_le_bytes(img[b * BS..b * BS + 8].try_into().unwrap());
+                assert!(
+                    got >= acked[b],
+                    "{mode}: block {b} on {} holds write {got}, but write {} was acknowledged",
+                    p.names[i],
+                    acked[b]
+                );
+            }
+        }
+        assert_eq!(hash_file(&p.backing(0)), hash_file(&p.backing(1)));
+        eprintln!("{mode}: {written} writes, {switches} refusals followed, nothing lost");
+    }
+}
