@@ -8,6 +8,7 @@
 //! mode = "sync"           # or "async"
 //! queue_limit = "64M"     # async ship queue bound (in memory for now)
 //! resync_rate = "100M"    # resync bandwidth limit, bytes per second (default: none)
+//! full_sync = "copy"      # or "checksum": compare blake3 per 4 KiB block, copy what differs
 //! run_dir = "/run/blkrep" # control sockets, NBD sockets, logs
 //! frontend = "auto"       # "ublk", "nbd", or "auto": ublk when /dev/ublk-control exists
 //! ublk_queues = 1         # ublk hardware queues (a node may override both)
@@ -203,6 +204,7 @@ struct RawResource {
     mode: String,
     queue_limit: Option<Size>,
     resync_rate: Option<Size>,
+    full_sync: Option<String>,
     run_dir: Option<PathBuf>,
     frontend: Option<String>,
     ublk_queues: Option<i64>,
@@ -234,6 +236,9 @@ pub struct Resource {
     pub queue_limit: u64,
     /// Resync bandwidth limit, bytes per second; 0 for none.
     pub resync_rate: u64,
+    /// A full sync compares checksums and copies only what differs (for two volumes that
+    /// already hold mostly the same data) instead of copying everything.
+    pub checksum_full_sync: bool,
     /// Directory for control sockets, NBD sockets and logs.
     pub run_dir: PathBuf,
     /// How clients reach the volume.
@@ -332,6 +337,16 @@ impl Config {
                 format!("{resync_rate} bytes per second is below the minimum of 1M"),
             ));
         }
+        let checksum_full_sync = match r.full_sync.as_deref() {
+            None | Some("copy") => false,
+            Some("checksum") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "resource.full_sync".into(),
+                    format!("{other:?} is not a full-sync method (use \"copy\" or \"checksum\")"),
+                ))
+            }
+        };
         let run_dir = r.run_dir.unwrap_or_else(|| DEFAULT_RUN_DIR.into());
         let frontend = match r.frontend.as_deref() {
             None | Some("auto") => Frontend::Auto,
@@ -410,6 +425,7 @@ impl Config {
                 mode,
                 queue_limit,
                 resync_rate,
+                checksum_full_sync,
                 run_dir,
                 frontend,
                 ublk,

@@ -38,6 +38,11 @@ pub enum Request {
     },
     /// What the next connection moves (`blkrep failback --plan`).
     Plan,
+    /// Start an online verify (primary); `repair` resyncs the blocks that differ.
+    Verify {
+        #[serde(default)]
+        repair: bool,
+    },
     /// Stop cleanly.
     Shutdown,
 }
@@ -252,6 +257,7 @@ mod tests {
                 discard_local: true,
             },
             Request::Plan,
+            Request::Verify { repair: true },
             Request::Shutdown,
         ] {
             assert_eq!(parse_request(&encode_request(&r)).unwrap(), r);

@@ -99,6 +99,19 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Online verify (on the primary): compare every block with the peer's, at the same
+    /// point of the replication stream; exit 4 when blocks differ (and were not repaired).
+    Verify {
+        resource: Option<String>,
+        /// Resync the blocks that differ, in the same run.
+        #[arg(long)]
+        repair: bool,
+        /// Start it and return; `status` shows progress and the result.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Failback: show what the next connection moves (direction, method, bytes).
     Failback {
         resource: Option<String>,
@@ -121,6 +134,7 @@ impl Verb {
             | Verb::Promote { resource, .. }
             | Verb::Demote { resource, .. }
             | Verb::Resolve { resource, .. }
+            | Verb::Verify { resource, .. }
             | Verb::Failback { resource, .. } => resource.as_deref(),
         }
     }
@@ -258,6 +272,12 @@ fn run(cli: Cli) -> Result<u8, Fail> {
             let v = call(&cfg, &node, &Request::Resolve { discard_local })?;
             Ok(done(&v, json))
         }
+        Verb::Verify {
+            repair,
+            no_wait,
+            json,
+            ..
+        } => verify(&cfg, &node, repair, no_wait, json),
         Verb::Failback { json, .. } => {
             let v = call(&cfg, &node, &Request::Plan)?;
             if json {
@@ -268,6 +288,87 @@ fn run(cli: Cli) -> Result<u8, Fail> {
             Ok(0)
         }
     }
+}
+
+/// `blkrep verify`: start, follow the progress (a bar on a terminal), report.
+fn verify(cfg: &Config, node: &str, repair: bool, no_wait: bool, json: bool) -> Result<u8, Fail> {
+    use std::io::IsTerminal;
+    let v = call(cfg, node, &Request::Verify { repair })?;
+    if no_wait {
+        return Ok(done(&v, json));
+    }
+    let tty = std::io::stderr().is_terminal() && !json;
+    let result = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let s = call(cfg, node, &Request::Status)?;
+        let r = s["engine"]["verify"].clone();
+        let (checked, total) = (
+            r["checked_bytes"].as_u64().unwrap_or(0),
+            r["total_bytes"].as_u64().unwrap_or(1).max(1),
+        );
+        if tty {
+            let pct = checked * 100 / total;
+            let bar = "#".repeat((pct / 4) as usize);
+            eprint!(
+                "\rverify [{bar:<25}] {pct:>3}%  {} of {}, {} differ",
+                human::bytes(checked),
+                human::bytes(total),
+                human::bytes(r["out_of_sync_bytes"].as_u64().unwrap_or(0))
+            );
+        }
+        if r["done"].as_bool() == Some(true) {
+            if tty {
+                eprintln!();
+            }
+            break r;
+        }
+    };
+    if let Some(why) = result["aborted"].as_str() {
+        return Err(anyhow::anyhow!("verify aborted: {why}").into());
+    }
+    let bad = result["out_of_sync_bytes"].as_u64().unwrap_or(0);
+    if repair && bad > 0 {
+        // The repair is a resync of those blocks: wait for it.
+        loop {
+            let s = call(cfg, node, &Request::Status)?;
+            let e = &s["engine"];
+            if e["resync"].is_null() && e["peer_needs_full_sync"] == false {
+                break;
+            }
+            if e["conn"] != "sync_source" && e["conn"] != "connected" {
+                return Err(anyhow::anyhow!(
+                    "the repair stopped: the connection is {}; it resumes when the peer returns",
+                    e["conn"]
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    if json {
+        println!("{result}");
+    } else if bad == 0 {
+        println!(
+            "verify: all {} match the peer ({:.1} s)",
+            human::bytes(result["total_bytes"].as_u64().unwrap_or(0)),
+            result["seconds"].as_f64().unwrap_or(0.0)
+        );
+    } else {
+        println!(
+            "verify: {} differ from the peer{}",
+            human::bytes(bad),
+            if repair {
+                "; repaired (resynced from this node)"
+            } else {
+                ""
+            }
+        );
+        for r in result["out_of_sync"].as_array().into_iter().flatten() {
+            let (s, e) = (r[0].as_u64().unwrap_or(0), r[1].as_u64().unwrap_or(0));
+            println!("  {s:>14} .. {e:<14} ({})", human::bytes(e - s));
+        }
+    }
+    Ok(if bad > 0 && !repair { 4 } else { 0 })
 }
 
 fn done(v: &serde_json::Value, json: bool) -> u8 {

@@ -96,6 +96,7 @@ impl Volume {
             .queue
             .iter()
             .filter(|q| q.item.seq > durable)
+            .filter(|q| !matches!(q.item.kind, crate::msg::ItemKind::Verify { .. }))
             .filter_map(|q| q.item.range().map(|(s, e)| (q.item.seq, s, e)))
             .collect();
         for (seq, s, e) in ranges {

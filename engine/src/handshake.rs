@@ -51,6 +51,7 @@ impl Volume {
             Msg::PromoteRequest { nonce } => self.on_promote_request(nonce),
             Msg::PromoteGrant { nonce } => self.on_promote_answer(nonce, Ok(())),
             Msg::PromoteDeny { nonce, reason } => self.on_promote_answer(nonce, Err(reason)),
+            Msg::VerifyReport { seq, bad } => self.on_verify_report(seq, bad),
         }
     }
 
@@ -218,6 +219,8 @@ impl Volume {
             "peer_not_connected",
             "the link to the peer was lost during the promote",
         );
+        self.abort_verify("the link to the peer was lost");
+        self.verify_items.clear();
         // Sync mode degrades: writes waiting for the peer complete on the local leg alone,
         // their items stay queued for the next connection.
         self.release_waiters();

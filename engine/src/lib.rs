@@ -24,6 +24,7 @@ pub mod ranges;
 mod roles;
 mod secondary;
 pub mod status;
+pub mod verify;
 pub mod volume;
 
 pub use volume::{

@@ -57,6 +57,15 @@ pub enum ItemKind {
     Trim { offset: u64, len: u64 },
     /// Make every earlier item durable (fsync) before this item counts as applied.
     Flush,
+    /// Online verify: read `len` bytes at `offset`, compare blake3 of every `block` bytes
+    /// with `hashes` (the primary's, taken at the same stream position) and report the
+    /// blocks that differ ([`Msg::VerifyReport`]). Changes no data.
+    Verify {
+        offset: u64,
+        len: u64,
+        block: u32,
+        hashes: Vec<[u8; 32]>,
+    },
 }
 
 /// One item of the replication stream.
@@ -79,9 +88,9 @@ impl StreamItem {
     pub fn range(&self) -> Option<(u64, u64)> {
         match &self.kind {
             ItemKind::Write { offset, data, .. } => Some((*offset, *offset + data.len() as u64)),
-            ItemKind::WriteZeroes { offset, len, .. } | ItemKind::Trim { offset, len } => {
-                Some((*offset, *offset + *len))
-            }
+            ItemKind::WriteZeroes { offset, len, .. }
+            | ItemKind::Trim { offset, len }
+            | ItemKind::Verify { offset, len, .. } => Some((*offset, *offset + *len)),
             ItemKind::Flush => None,
         }
     }
@@ -136,4 +145,7 @@ pub enum Msg {
     PromoteGrant { nonce: u64 },
     /// The receiver refuses the promote, and why.
     PromoteDeny { nonce: u64, reason: String },
+    /// Secondary to primary: the result of verify item `seq`: the byte ranges whose
+    /// blocks differ (empty when all match).
+    VerifyReport { seq: Seq, bad: Vec<(u64, u64)> },
 }

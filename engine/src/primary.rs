@@ -101,7 +101,7 @@ impl Volume {
     }
 
     /// Backpressure: the peer is connected and the queue holds `queue_limit` bytes.
-    fn queue_full(&self) -> bool {
+    pub(crate) fn queue_full(&self) -> bool {
         self.streaming && self.queue_bytes >= self.cfg.queue_limit
     }
 
@@ -305,8 +305,10 @@ impl Volume {
         let mut i = self.queue.partition_point(|q| q.item.seq < cursor);
         while i < self.queue.len() {
             let q = &self.queue[i];
-            let covered =
-                q.item.resync || q.item.range().is_none_or(|(s, e)| self.al_covered(s, e));
+            // Resync and verify items change nothing on this node: no log entry needed.
+            let covered = q.item.resync
+                || matches!(q.item.kind, ItemKind::Verify { .. })
+                || q.item.range().is_none_or(|(s, e)| self.al_covered(s, e));
             if !covered {
                 break;
             }
@@ -446,6 +448,7 @@ impl Volume {
             self.submit(i);
         }
         self.pump_resync();
+        self.pump_verify();
     }
 
     fn pump_resync(&mut self) {
@@ -492,7 +495,11 @@ impl Volume {
             );
         }
         let last_seq = self.last_seq;
+        let checksum_running = self.verify.as_ref().is_some_and(|v| v.running());
         let r = self.resync.as_mut().expect("resync");
+        if r.checksum && checksum_running {
+            return; // the checksum pass may still find blocks to copy
+        }
         if r.reads_in_flight == 0 {
             let seq = *r.done_seq.get_or_insert(last_seq);
             if !r.done_sent {
@@ -656,8 +663,10 @@ impl Volume {
             return;
         }
         let base = self.last_seq;
+        self.abort_verify("a resync started");
         self.fold_queue_into_dirty();
-        if full {
+        let checksum = full && self.cfg.checksum_full_sync;
+        if full && !checksum {
             self.mark_dirty(0, self.cfg.volume_size);
         }
         let peer_dirty = self
@@ -683,11 +692,15 @@ impl Volume {
             started_ns: self.now,
             done_seq: None,
             done_sent: false,
+            checksum,
             budget: 0,
             budget_ns: self.now,
         });
         self.resync_bytes_done = 0;
         self.conn_state = ConnState::SyncSource;
+        if checksum {
+            self.start_checksum_pass();
+        }
         self.send(Msg::ResyncStart {
             total_bytes: total,
             base_seq: base,
@@ -763,7 +776,11 @@ impl Volume {
             self.resync = None;
             self.conn_state = ConnState::Connected;
             self.persist_meta();
-            self.event("resync", format!("resync complete ({total} bytes)"));
+            let moved = self.resync_bytes_done;
+            self.event(
+                "resync",
+                format!("resync complete ({total} bytes planned, {moved} bytes of data moved)"),
+            );
         }
     }
 }

@@ -310,11 +310,18 @@ impl Volume {
         self.reset_local_watermarks();
         self.streaming = false;
         if fresh_pair {
+            // The peer (generation 0) gets a full sync: a copy, or a checksum pass.
             self.meta.generation = new_generation;
-            self.mark_dirty(0, self.cfg.volume_size);
         }
         // A crashed primary's possibly unshipped writes are in its dirty set (its activity
-        // log's extents): the resync to the peer covers them.
+        // log's extents): the resync to the peer covers them. The numbers it handed out
+        // before the crash are not reused: its new stream starts far above.
+        if self.crashed_primary {
+            self.last_seq += FORCED_SEQ_GAP;
+            self.completed_max = self.last_seq;
+            self.stream_base = self.last_seq;
+            self.reset_local_watermarks();
+        }
         self.crashed_primary = false;
         self.gen_shared = true;
         self.bumped_from = None;

@@ -92,6 +92,22 @@ impl Volume {
             }
             let item = self.applier.pending.pop_front().expect("front");
             let seq = item.seq;
+            if let ItemKind::Verify {
+                offset,
+                len,
+                block,
+                hashes,
+            } = item.kind
+            {
+                self.applier.inflight.insert(offset, offset + len, seq);
+                self.applier.issued += 1;
+                self.verify_items.insert(seq, (block, hashes));
+                self.issue(
+                    Purpose::VerifyApply { seq, start: offset },
+                    DiskKind::Read { offset, len },
+                );
+                continue;
+            }
             let kind = match item.kind {
                 ItemKind::Write { offset, data, fua } => DiskKind::Write { offset, data, fua },
                 ItemKind::WriteZeroes { offset, len, fua } => {
@@ -99,6 +115,7 @@ impl Volume {
                 }
                 ItemKind::Trim { offset, len } => DiskKind::Trim { offset, len },
                 ItemKind::Flush => DiskKind::Flush,
+                ItemKind::Verify { .. } => unreachable!("handled above"),
             };
             if let Some((s, e)) = range {
                 self.applier.inflight.insert(s, e, seq);

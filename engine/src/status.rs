@@ -15,6 +15,27 @@ pub struct ResyncStatus {
     pub rate_bytes_per_sec: f64,
 }
 
+/// An online verify: progress and what differs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    /// True once every block has been compared.
+    pub done: bool,
+    /// Resync the blocks that differ.
+    pub repair: bool,
+    /// Bytes to compare.
+    pub total_bytes: u64,
+    /// Bytes compared (the peer reported on them).
+    pub checked_bytes: u64,
+    /// Bytes in blocks that differ.
+    pub out_of_sync_bytes: u64,
+    /// The ranges that differ (the first 1000), `[start, end)` in bytes.
+    pub out_of_sync: Vec<(u64, u64)>,
+    /// Seconds since the verify started.
+    pub seconds: f64,
+    /// Why it stopped early, if it did.
+    pub aborted: Option<String>,
+}
+
 /// The engine's view of itself and its peer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EngineStatus {
@@ -68,6 +89,9 @@ pub struct EngineStatus {
     pub hot_extents: u64,
     /// Resync progress, when one runs.
     pub resync: Option<ResyncStatus>,
+    /// The online verify under way, or the last one's result.
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
     /// Client writes completed since start.
     pub client_writes: u64,
     /// Client reads completed since start.

@@ -43,6 +43,8 @@ pub struct VolumeConfig {
     pub resync_depth: usize,
     /// Resync bandwidth limit, bytes per second (0: none).
     pub resync_rate: u64,
+    /// A full sync compares blake3 per block first and copies only the blocks that differ.
+    pub checksum_full_sync: bool,
     /// The secondary checkpoints (fsync + metadata) after this many unpersisted bytes...
     pub checkpoint_bytes: u64,
     /// ...or after this long, nanoseconds.
@@ -71,6 +73,7 @@ impl VolumeConfig {
             resync_chunk: 256 << 10,
             resync_depth: 8,
             resync_rate: 0,
+            checksum_full_sync: false,
             checkpoint_bytes: 8 << 20,
             checkpoint_interval_ns: 1_000_000_000,
             ping_interval_ns: 1_000_000_000,
@@ -118,6 +121,9 @@ pub enum AdminCmd {
     /// Discard this node's own changes: its data is replaced by a full sync from the peer
     /// on the next connect (resolves a split brain on the losing side). Secondary only.
     ResolveDiscardLocal,
+    /// Online verify (primary, peer connected): compare every block with the peer's;
+    /// `repair` resyncs the blocks that differ.
+    Verify { repair: bool },
     /// Stop: finish in-flight work, persist a clean state, then emit [`Output::Stopped`].
     Shutdown,
 }
@@ -270,6 +276,17 @@ pub(crate) enum Purpose {
     },
     /// The flush a node makes before it takes the primary role.
     PromoteFlush,
+    /// Primary: an online-verify read.
+    VerifyRead {
+        start: u64,
+        len: u64,
+        run: u64,
+    },
+    /// Secondary: the read of verify item `seq`.
+    VerifyApply {
+        seq: Seq,
+        start: u64,
+    },
 }
 
 /// A client write or flush waiting for its completion conditions.
@@ -320,6 +337,9 @@ pub(crate) struct Resync {
     pub done_seq: Option<Seq>,
     /// True once ResyncDone was sent on the current connection.
     pub done_sent: bool,
+    /// A checksum pass (an internal verify with repair) feeds this resync's dirty set;
+    /// the resync is complete only once the pass is.
+    pub checksum: bool,
     /// Rate limit: bytes that may be read now, and when that was computed.
     pub budget: u64,
     pub budget_ns: u64,
@@ -424,6 +444,10 @@ pub struct Volume {
     /// ...and every one `<= local_durable` is durable there (a flush completed after).
     pub(crate) local_durable: Seq,
     pub(crate) resync: Option<Resync>,
+    /// Primary: the online verify under way, or the last one's result.
+    pub(crate) verify: Option<crate::verify::VerifyRun>,
+    /// Secondary: verify items being read (hashes to compare against).
+    pub(crate) verify_items: HashMap<Seq, (u32, Vec<[u8; 32]>)>,
     pub(crate) resync_bytes_done: u64,
     pub(crate) resync_epoch: u64,
     /// This node crashed while primary: its data may hold writes its peer never saw.
@@ -534,6 +558,8 @@ impl Volume {
             local_done_above: BTreeSet::new(),
             local_durable: applied,
             resync: None,
+            verify: None,
+            verify_items: HashMap::new(),
             resync_bytes_done: 0,
             resync_epoch: 0,
             crashed_primary,
@@ -662,6 +688,7 @@ impl Volume {
             out_of_sync_bytes: self.dirty.bytes(),
             hot_extents: self.hot.len() as u64,
             resync,
+            verify: self.verify.as_ref().map(|v| v.status(self.now)),
             client_writes: self.client_writes,
             client_reads: self.client_reads,
             bytes_written: self.bytes_written,
@@ -698,6 +725,7 @@ impl Volume {
                 "full sync abandoned: the source disk failed".into(),
             );
         }
+        self.abort_verify("the local disk failed");
         self.event(
             "failure",
             format!(
@@ -840,6 +868,10 @@ impl Volume {
             Purpose::Apply { seq, start, bytes } => self.apply_done(seq, start, bytes, result),
             Purpose::Checkpoint { upto } => self.checkpoint_flush_done(upto, result),
             Purpose::PromoteFlush => self.promote_flush_done(result),
+            Purpose::VerifyRead { start, len, run } => {
+                self.verify_read_done(start, len, run, result)
+            }
+            Purpose::VerifyApply { seq, start } => self.verify_apply_done(seq, start, result),
             Purpose::Meta {
                 applied,
                 disk_state,
@@ -914,6 +946,7 @@ impl Volume {
             },
             AdminCmd::Demote => self.demote(),
             AdminCmd::ResolveDiscardLocal => self.resolve_discard_local(),
+            AdminCmd::Verify { repair } => self.start_verify(repair),
             AdminCmd::Shutdown => {
                 if self.shutting_down.is_none() {
                     self.fail_pending_promote("shutting_down", "the daemon is shutting down");

@@ -177,6 +177,7 @@ fn add(t: &mut Stats, s: &Stats) {
     t.demotes_ok += s.demotes_ok;
     t.full_syncs += s.full_syncs;
     t.forced_takeovers += s.forced_takeovers;
+    t.verifies_completed += s.verifies_completed;
     t.split_brains_resolved += s.split_brains_resolved;
     t.stream_items += s.stream_items;
     t.prefix_checks += s.prefix_checks;
@@ -247,8 +248,8 @@ fn many(from: u64, count: u64, deadline: Option<Instant>, a: &Args) -> ExitCode 
         );
         let t = &s.totals;
         println!(
-            "  covered: {} writes, {} reads, {} flushes, {} crashes, {} clean restarts, {} partitions, {} resets, {} stalls, {} corrupted frames, {} disk errors, {} connects, {} promotes ({} refused), {} demotes, {} resyncs, {} forced takeovers, {} split brains resolved",
-            t.client_writes_ok, t.client_reads_ok, t.flushes_ok, t.crashes, t.clean_restarts, t.partitions, t.resets, t.stalls, t.garbage_frames, t.disk_errors, t.connects, t.promotes_ok, t.promotes_refused, t.demotes_ok, t.full_syncs, t.forced_takeovers, t.split_brains_resolved
+            "  covered: {} writes, {} reads, {} flushes, {} crashes, {} clean restarts, {} partitions, {} resets, {} stalls, {} corrupted frames, {} disk errors, {} connects, {} promotes ({} refused), {} demotes, {} resyncs, {} forced takeovers, {} split brains resolved, {} verifies",
+            t.client_writes_ok, t.client_reads_ok, t.flushes_ok, t.crashes, t.clean_restarts, t.partitions, t.resets, t.stalls, t.garbage_frames, t.disk_errors, t.connects, t.promotes_ok, t.promotes_refused, t.demotes_ok, t.full_syncs, t.forced_takeovers, t.split_brains_resolved, t.verifies_completed
         );
         println!(
             "  checks: {} replica prefix, {} primary reads, {} sync-loss, {} durability; liveness {:.1} s simulated in all",

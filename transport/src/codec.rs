@@ -47,11 +47,15 @@ const KIND_GOODBYE: u8 = 8;
 const KIND_PROMOTE_REQUEST: u8 = 9;
 const KIND_PROMOTE_GRANT: u8 = 10;
 const KIND_PROMOTE_DENY: u8 = 11;
+const KIND_VERIFY_REPORT: u8 = 12;
 
 const OP_WRITE: u8 = 1;
 const OP_ZEROES: u8 = 2;
 const OP_TRIM: u8 = 3;
 const OP_FLUSH: u8 = 4;
+const OP_VERIFY: u8 = 5;
+/// Hashes one verify item may carry (and ranges one report may list).
+const MAX_VERIFY_ENTRIES: usize = 1024;
 
 /// Append the frame for `msg` (header, body, checksum) to `out`; returns the payload to
 /// send right after it, if any.
@@ -118,6 +122,23 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
                     w.u64(0);
                     None
                 }
+                ItemKind::Verify {
+                    offset,
+                    len,
+                    block,
+                    hashes,
+                } => {
+                    w.u8(OP_VERIFY);
+                    w.u8(0);
+                    w.u64(*offset);
+                    w.u64(*len);
+                    w.u32(*block);
+                    w.u32(hashes.len() as u32);
+                    for h in hashes {
+                        w.bytes(h);
+                    }
+                    None
+                }
             };
             (KIND_ITEM, payload)
         }
@@ -165,6 +186,16 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
             w.u64(*nonce);
             w.str(reason);
             (KIND_PROMOTE_DENY, None)
+        }
+        Msg::VerifyReport { seq, bad } => {
+            w.u64(*seq);
+            let n = bad.len().min(MAX_VERIFY_ENTRIES);
+            w.u32(n as u32);
+            for (s, e) in &bad[..n] {
+                w.u64(*s);
+                w.u64(*e);
+            }
+            (KIND_VERIFY_REPORT, None)
         }
     };
     let body_len = out.len() - start - HEADER;
@@ -351,6 +382,7 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
         KIND_PROMOTE_REQUEST => "promote-request",
         KIND_PROMOTE_GRANT => "promote-grant",
         KIND_PROMOTE_DENY => "promote-deny",
+        KIND_VERIFY_REPORT => "verify-report",
         k => return Err(FrameError::Kind(k)),
     };
     let bad = |source| FrameError::Body { kind: name, source };
@@ -425,6 +457,23 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
                     OP_ZEROES => ItemKind::WriteZeroes { offset, len, fua },
                     OP_TRIM => ItemKind::Trim { offset, len },
                     OP_FLUSH => ItemKind::Flush,
+                    OP_VERIFY => {
+                        let block = r.u32()?;
+                        let n = r.u32()? as usize;
+                        if n > MAX_VERIFY_ENTRIES || block == 0 {
+                            return Err(WireError::Invalid("malformed verify item"));
+                        }
+                        let mut hashes = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            hashes.push(r.array()?);
+                        }
+                        ItemKind::Verify {
+                            offset,
+                            len,
+                            block,
+                            hashes,
+                        }
+                    }
                     _ => return Err(WireError::Invalid("unknown item operation")),
                 };
                 Msg::Item(StreamItem {
@@ -455,6 +504,22 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
                 nonce: r.u64()?,
                 reason: r.str()?,
             },
+            KIND_VERIFY_REPORT => {
+                let seq = r.u64()?;
+                let n = r.u32()? as usize;
+                if n > MAX_VERIFY_ENTRIES {
+                    return Err(WireError::Invalid("verify report too long"));
+                }
+                let mut bad = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let (s, e) = (r.u64()?, r.u64()?);
+                    if s >= e {
+                        return Err(WireError::Invalid("empty range in a verify report"));
+                    }
+                    bad.push((s, e));
+                }
+                Msg::VerifyReport { seq, bad }
+            }
             _ => Msg::Goodbye { reason: r.str()? },
         }))
     })()

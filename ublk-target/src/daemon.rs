@@ -463,6 +463,7 @@ impl Loop {
                     .send(Ok(serde_json::to_value(self.vol.plan()).unwrap_or_default()));
                 return;
             }
+            Request::Verify { repair } => AdminCmd::Verify { repair },
         };
         let token = self.next_token;
         self.next_token += 1;

@@ -17,7 +17,10 @@ impl World {
         }
         let r = self.rng.below(100);
         let cmd = match r {
-            0..=49 => AdminCmd::Promote {
+            45..=49 => AdminCmd::Verify {
+                repair: self.rng.chance(0.5),
+            },
+            0..=44 => AdminCmd::Promote {
                 // A forced takeover only where it is one: the other node is not serving as
                 // primary (crashed, stopped, or secondary). Two primaries at once — a split
                 // brain — are tested on real daemons: the checker's model has one writer.
@@ -151,6 +154,12 @@ impl World {
                 ))
             }
         };
+        if self.nodes[i].rebase_pending {
+            // It crashed before recording that a resync targets it: its image is its
+            // old one, which the model (rebased on the resync's source) does not describe.
+            self.nodes[i].rebase_pending = false;
+            self.nodes[i].suspect = true;
+        }
         if meta.role == Role::Secondary
             && matches!(meta.disk_state, DiskState::UpToDate | DiskState::Consistent)
             && !self.nodes[i].suspect

@@ -108,6 +108,10 @@ struct Node {
     /// or it started them as primary): a node that missed one may hold numbers the stream
     /// has since redefined.
     resets_seen: u64,
+    /// The node got a resync start and has not yet recorded (durably) that it is its
+    /// target: after a crash now it holds its old image, which the checker's rebased
+    /// model no longer describes.
+    rebase_pending: bool,
 }
 
 struct Conn {
@@ -143,6 +147,7 @@ pub struct Stats {
     pub demotes_ok: u64,
     pub full_syncs: u64,
     pub forced_takeovers: u64,
+    pub verifies_completed: u64,
     pub split_brains_resolved: u64,
     pub stream_items: u64,
     pub prefix_checks: u64,
@@ -213,6 +218,7 @@ impl World {
                 received: 0,
                 stopping: false,
                 resets_seen: 0,
+                rebase_pending: false,
             }
         };
         let mut w = World {
@@ -313,6 +319,7 @@ impl World {
         v.checkpoint_interval_ns = 200 * MS;
         // Small activity-log extents, so that resyncs of part of the volume happen.
         v.al_extent = 16 << 10;
+        v.checksum_full_sync = self.cfg.seed.is_multiple_of(2);
         v
     }
 
@@ -465,6 +472,14 @@ impl World {
                 }
             }
             Output::Event(e) => {
+                if e.kind == "verify" && e.message.starts_with("verify complete") {
+                    self.stats.verifies_completed += 1;
+                    // The simulated disks corrupt nothing silently: a verify of a pair in
+                    // sync, ordered in the stream, must find every block equal.
+                    if !e.message.contains("all") {
+                        self.fail(violation("verify-difference", e.message.clone()));
+                    }
+                }
                 if e.kind == "resolve" {
                     self.stats.split_brains_resolved += 1;
                 }
@@ -560,6 +575,9 @@ impl World {
                     Err(IoError::Io)
                 } else {
                     let slot = 1 - n.meta_slot;
+                    if m.disk_state == DiskState::Inconsistent {
+                        n.rebase_pending = false;
+                    }
                     let bytes = m.encode_slot().expect("metadata encodes");
                     n.meta[slot * SLOT_SIZE..(slot + 1) * SLOT_SIZE].copy_from_slice(&bytes);
                     n.meta_slot = slot;
@@ -687,6 +705,9 @@ fn brief_msg(m: &Msg) -> String {
                     format!("trim {}+{}", offset / SECTOR, len / SECTOR)
                 }
                 ItemKind::Flush => "flush".into(),
+                ItemKind::Verify { offset, len, .. } => {
+                    format!("verify {}+{}", offset / SECTOR, len / SECTOR)
+                }
             };
             format!(
                 "item {} dep {}{} {what}",

@@ -117,7 +117,7 @@ impl World {
                         (offset / SECTOR) as usize,
                         vec![Content::Zero; (len / SECTOR) as usize],
                     ),
-                    ItemKind::Flush => (0, vec![]),
+                    ItemKind::Flush | ItemKind::Verify { .. } => (0, vec![]),
                 };
                 self.stream
                     .item(it.seq, it.dep, first, &contents, fingerprint)
@@ -177,6 +177,7 @@ impl World {
                         self.nodes[to].horizon = 0;
                         self.nodes[to].received = 0;
                         self.nodes[to].resets_seen = self.stream.resets;
+                        self.nodes[to].rebase_pending = true;
                     }
                     self.log(|| format!("{} <- {}", NODES[to], brief_msg(&msg)));
                     self.input(to, Input::PeerMsg { conn, msg });
