@@ -132,7 +132,27 @@ pub fn status(s: &DaemonStatus) -> String {
         );
     }
     if e.peer_needs_full_sync && e.resync.is_none() {
-        let _ = writeln!(o, "  the peer needs a full sync (starts when it connects)");
+        let _ = writeln!(
+            o,
+            "  the peer lacks {} that only a resync brings (starts when it connects)",
+            bytes(e.out_of_sync_bytes)
+        );
+    }
+    if let Some(v) = &e.verify {
+        let state = match (&v.aborted, v.done) {
+            (Some(why), _) => format!("aborted ({why})"),
+            (None, true) => "done".into(),
+            (None, false) => format!(
+                "{:.0}% checked",
+                v.checked_bytes as f64 * 100.0 / v.total_bytes.max(1) as f64
+            ),
+        };
+        let _ = writeln!(
+            o,
+            "  verify: {state}, {} differ{}",
+            bytes(v.out_of_sync_bytes),
+            if v.repair { " (repairing)" } else { "" }
+        );
     }
     let _ = writeln!(
         o,
@@ -176,6 +196,13 @@ pub fn metadata(m: &Metadata) -> String {
     let _ = writeln!(o, "role          {}", word(&m.role));
     let _ = writeln!(o, "disk state    {}", word(&m.disk_state));
     let _ = writeln!(o, "clean stop    {}", m.has(FLAG_CLEAN));
+    let _ = writeln!(
+        o,
+        "dirty         {} in {} ranges (blocks of {}; activity-log extents included)",
+        bytes(m.dirty.bytes()),
+        m.dirty.ranges(),
+        bytes(m.dirty.block())
+    );
     let _ = writeln!(
         o,
         "peer needs full sync  {}",

@@ -123,6 +123,10 @@ pub fn to_json(m: &Metadata) -> serde_json::Value {
         "disk_state": m.disk_state,
         "clean_shutdown": m.has(FLAG_CLEAN),
         "peer_needs_full_sync": m.has(FLAG_PEER_NEEDS_FULL_SYNC),
+        "crashed_primary": m.has(blkrep_engine::meta::FLAG_CRASHED_PRIMARY),
+        "dirty_block_size": m.dirty.block(),
+        "dirty_bytes": m.dirty.bytes(),
+        "dirty_ranges": m.dirty.iter().collect::<Vec<_>>(),
         "update_counter": m.counter,
     })
 }
