@@ -239,6 +239,24 @@ fn resource_line(p: &Pair, line: &str) {
     std::fs::write(&p.config, text).unwrap();
 }
 
+/// Wait until node `i` has started more than `before` resyncs; the newest one's bytes.
+fn wait_new_resync(p: &Pair, i: usize, before: usize) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        let all = resync_bytes(p, i);
+        if all.len() > before {
+            return *all.last().unwrap();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no new resync on {}: {all:?}\n{}",
+            p.names[i],
+            p.log(i)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Wait until node `i` runs a resync towards its peer that has moved `at_least` bytes.
 fn wait_resync_progress(p: &Pair, i: usize, at_least: u64) -> (u64, u64) {
     let s = p.wait_for(i, "resync under way", |s| {
@@ -301,10 +319,13 @@ fn interrupted_resync_resumes_where_it_was() {
 
     // The target dies mid-resync, and comes back.
     std::thread::sleep(Duration::from_millis(300));
+    let started = resync_bytes(&p, 1).len();
     kill9(&p, 0);
-    p.wait_for(1, "link down", |s| s["engine"]["conn"] != "connected");
+    p.wait_for(1, "link down", |s| {
+        s["engine"]["conn"] != "connected" && s["engine"]["conn"] != "sync_source"
+    });
     p.ok(0, &["up"]);
-    let (_, total2) = wait_resync_progress(&p, 1, 0);
+    let total2 = wait_new_resync(&p, 1, started);
     assert!(
         total2 < total1,
         "the resync started over after the target's crash: {total2} of {total1} bytes"
@@ -317,10 +338,14 @@ fn interrupted_resync_resumes_where_it_was() {
     let (_, _) = wait_resync_progress(&p, 1, 6 * MIB);
     std::thread::sleep(Duration::from_millis(1200).saturating_sub(t0.elapsed()));
     kill9(&p, 1);
-    p.wait_for(0, "link down", |s| s["engine"]["conn"] != "connected");
+    p.wait_for(0, "link down", |s| {
+        s["engine"]["conn"] != "connected" && s["engine"]["conn"] != "sync_target"
+    });
+    // The log is appended to across restarts: count the resyncs so far.
+    let log_before = resync_bytes(&p, 1).len();
     p.ok(1, &["up"]);
     p.ok(1, &["promote", "--timeout", "20"]);
-    let (_, total3) = wait_resync_progress(&p, 1, 0);
+    let total3 = wait_new_resync(&p, 1, log_before);
     assert!(
         total3 < total2,
         "the resync started over after the source's crash: {total3} of {total2} bytes"
