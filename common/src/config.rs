@@ -20,6 +20,7 @@
 //! backing = "/dev/vg0/r0"          # file or block device
 //! metadata = "/var/lib/blkrep/r0.md"
 //! nbd = "unix:/run/blkrep/r0.nbd"  # optional: "unix:PATH" or "tcp:127.0.0.1:10809"
+//! metrics = "127.0.0.1:9707"       # optional: Prometheus text-format endpoint
 //!
 //! [[node]]
 //! name = "beta"
@@ -219,6 +220,7 @@ struct RawNode {
     backing: PathBuf,
     metadata: PathBuf,
     nbd: Option<String>,
+    metrics: Option<String>,
     ublk_queues: Option<i64>,
     ublk_depth: Option<i64>,
 }
@@ -262,6 +264,8 @@ pub struct NodeConfig {
     pub nbd: Option<NbdListen>,
     /// ublk queues and depth for this node, when it overrides the resource's.
     pub ublk: UblkShape,
+    /// Prometheus text-format endpoint (`host:port`), if configured.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A validated resource configuration.
@@ -396,6 +400,15 @@ impl Config {
             };
             let node_ublk = ublk_shape(n.ublk_queues, n.ublk_depth, ublk, &format!("node[{i}]"))
                 .map_err(|(f, p)| invalid(f, p))?;
+            let metrics = match n.metrics {
+                None => None,
+                Some(s) => Some(s.parse::<std::net::SocketAddr>().map_err(|e| {
+                    invalid(
+                        f("metrics"),
+                        format!("{s:?} is not an address like 127.0.0.1:9707 ({e})"),
+                    )
+                })?),
+            };
             nodes.push(NodeConfig {
                 name: n.name,
                 address: n.address,
@@ -403,6 +416,7 @@ impl Config {
                 metadata: n.metadata,
                 nbd,
                 ublk: node_ublk,
+                metrics,
             });
         }
         if nodes[0].name == nodes[1].name {

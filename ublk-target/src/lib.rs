@@ -9,6 +9,7 @@ pub mod backend;
 pub mod control;
 pub mod daemon;
 pub mod link;
+pub mod metrics;
 pub mod nbd;
 pub mod sendq;
 pub mod serve;

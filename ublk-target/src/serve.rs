@@ -51,6 +51,13 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         .with_context(|| format!("control socket {}", ctl_path.display()))?;
     let link_listener = TcpListener::bind(&me.address)
         .with_context(|| format!("replication address {} (node.address)", me.address))?;
+    let metrics_listener = match me.metrics {
+        Some(a) => Some(
+            crate::metrics::bind(a)
+                .with_context(|| format!("metrics address {a} (node.metrics)"))?,
+        ),
+        None => None,
+    };
     let nbd = cfg.nbd_listen(node);
     let nbd_bound = match frontend {
         Frontend::Ublk => None,
@@ -74,6 +81,9 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         _ => (None, None),
     };
     control::spawn(ctl, ctl_path.clone(), ctl_tx, waker.clone());
+    if let Some(l) = metrics_listener {
+        crate::metrics::spawn(l, ctl_path.clone());
+    }
     let id = LinkIdentity {
         resource: name.clone(),
         local_node: node.to_string(),

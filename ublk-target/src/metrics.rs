@@ -1,0 +1,163 @@
+//! The Prometheus text-format endpoint (`[[node]] metrics = "127.0.0.1:9707"`).
+//!
+//! A thread accepts HTTP connections, asks the daemon for its status over its own control
+//! socket (the same answer `blkrep status --json` gets) and renders the figures in the
+//! text exposition format (version 0.0.4). Written by hand: a few lines of HTTP/1.0 on
+//! loopback do not justify an HTTP server crate.
+
+use blkrep_common::control::{self, Request};
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Bind the endpoint (a clear startup error when the address is taken).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+}
+
+/// Serve the endpoint from a thread.
+pub fn spawn(listener: TcpListener, control_socket: PathBuf) {
+    let _ = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = conn.set_write_timeout(Some(Duration::from_secs(5)));
+                // Read the request head; the path does not matter.
+                let mut reader = BufReader::new(match conn.try_clone() {
+                    Ok(c) => c,
+                    Err(_) => continue,
+                });
+                let mut line = String::new();
+                while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+                    line.clear();
+                }
+                let (status, body) =
+                    match control::call(&control_socket, &Request::Status, Duration::from_secs(5))
+                    {
+                        Ok(v) => ("200 OK", render(&v)),
+                        Err(e) => ("503 Service Unavailable", format!("# daemon busy: {e}\n")),
+                    };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64()
+        .or_else(|| v.as_bool().map(|b| b as u8 as f64))
+        .unwrap_or(0.0)
+}
+
+/// The status as Prometheus text.
+pub fn render(s: &Value) -> String {
+    let e = &s["engine"];
+    let labels = format!(
+        "resource=\"{}\",node=\"{}\"",
+        s["resource"].as_str().unwrap_or(""),
+        s["node"].as_str().unwrap_or("")
+    );
+    let mut o = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(o, "# HELP blkrep_{name} {help}");
+        let _ = writeln!(o, "# TYPE blkrep_{name} {kind}");
+        let _ = writeln!(o, "blkrep_{name}{{{labels}}} {value}");
+    };
+    metric("up", "gauge", "1 while the daemon answers", 1.0);
+    metric(
+        "primary",
+        "gauge",
+        "1 when this node is primary",
+        (e["role"] == "primary") as u8 as f64,
+    );
+    metric(
+        "link_up",
+        "gauge",
+        "1 while the replication link is connected (or syncing)",
+        matches!(
+            e["conn"].as_str(),
+            Some("connected" | "sync_source" | "sync_target")
+        ) as u8 as f64,
+    );
+    metric(
+        "split_brain",
+        "gauge",
+        "1 when the peer was refused as a split brain",
+        num(&e["split_brain"]),
+    );
+    metric(
+        "disk_up_to_date",
+        "gauge",
+        "1 when this node's disk is UpToDate",
+        (e["disk_state"] == "up_to_date") as u8 as f64,
+    );
+    metric(
+        "lag_seconds",
+        "gauge",
+        "age of the oldest write the peer has not applied (the current RPO)",
+        num(&e["lag_seconds"]),
+    );
+    metric(
+        "lag_bytes",
+        "gauge",
+        "payload bytes the peer has not applied",
+        num(&e["lag_bytes"]),
+    );
+    metric(
+        "out_of_sync_bytes",
+        "gauge",
+        "bytes the peer lacks that only a resync brings",
+        num(&e["out_of_sync_bytes"]),
+    );
+    metric(
+        "hot_extents",
+        "gauge",
+        "activity-log extents currently recorded",
+        num(&e["hot_extents"]),
+    );
+    metric(
+        "resync_remaining_bytes",
+        "gauge",
+        "bytes the running resync still has to move",
+        num(&e["resync"]["total_bytes"]) - num(&e["resync"]["done_bytes"]),
+    );
+    metric(
+        "connects_total",
+        "counter",
+        "successful handshakes since the daemon started",
+        num(&e["connects"]),
+    );
+    metric(
+        "client_writes_total",
+        "counter",
+        "client writes completed",
+        num(&e["client_writes"]),
+    );
+    metric(
+        "client_reads_total",
+        "counter",
+        "client reads completed",
+        num(&e["client_reads"]),
+    );
+    metric(
+        "written_bytes_total",
+        "counter",
+        "bytes written by clients",
+        num(&e["bytes_written"]),
+    );
+    metric(
+        "uptime_seconds",
+        "gauge",
+        "seconds since the daemon started",
+        num(&s["uptime_seconds"]),
+    );
+    o
+}

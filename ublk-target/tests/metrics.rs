@@ -1,0 +1,129 @@
+//! The Prometheus endpoint: its output parses as the text exposition format and carries the
+//! replication figures (lag, link state, dirty set), per node.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+/// One sample: name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+fn scrape(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_string()
+}
+
+/// Parse the text exposition format strictly enough to catch mistakes: every sample has a
+/// `# TYPE` before it, a valid name, `{k="v",...}` labels and a float value.
+fn parse(body: &str) -> Vec<Sample> {
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let name = it.next().unwrap().to_string();
+            let kind = it.next().unwrap();
+            assert!(matches!(kind, "gauge" | "counter"), "{line}");
+            typed.insert(name);
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (name, rest) = line.split_once('{').unwrap_or_else(|| panic!("{line}"));
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad metric name in {line}"
+        );
+        assert!(typed.contains(name), "sample before its # TYPE: {line}");
+        let (labels, value) = rest.split_once("} ").unwrap_or_else(|| panic!("{line}"));
+        let labels: Vec<(String, String)> = labels
+            .split(',')
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or_else(|| panic!("{line}"));
+                assert!(v.starts_with('"') && v.ends_with('"'), "{line}");
+                (k.to_string(), v.trim_matches('"').to_string())
+            })
+            .collect();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        samples.push((name.to_string(), labels, value));
+    }
+    samples
+}
+
+fn value(samples: &[Sample], name: &str) -> f64 {
+    samples
+        .iter()
+        .find(|s| s.0 == name)
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .2
+}
+
+#[test]
+fn metrics_endpoint_serves_the_exposition_format() {
+    let ports = [free_port(), free_port()];
+    let p = Pair::with_node_extra(
+        "metrics",
+        "async",
+        16 << 20,
+        [
+            &format!("metrics = \"127.0.0.1:{}\"", ports[0]),
+            &format!("metrics = \"127.0.0.1:{}\"", ports[1]),
+        ],
+    );
+    p.start(0);
+    for (i, port) in ports.iter().enumerate() {
+        let body = scrape(&format!("127.0.0.1:{port}"));
+        let samples = parse(&body);
+        for s in &samples {
+            assert_eq!(s.1[0], ("resource".into(), "r0".into()));
+            assert_eq!(s.1[1], ("node".into(), p.names[i].to_string()));
+        }
+        assert_eq!(value(&samples, "blkrep_up"), 1.0);
+        assert_eq!(value(&samples, "blkrep_primary"), (i == 0) as u8 as f64);
+        assert_eq!(value(&samples, "blkrep_link_up"), 1.0, "{body}");
+        for name in [
+            "blkrep_lag_seconds",
+            "blkrep_lag_bytes",
+            "blkrep_out_of_sync_bytes",
+            "blkrep_split_brain",
+            "blkrep_connects_total",
+        ] {
+            assert!(value(&samples, name) >= 0.0, "{name}");
+        }
+    }
+    // The link goes down: the primary's endpoint says so.
+    p.ok(1, &["down"]);
+    let t0 = std::time::Instant::now();
+    loop {
+        let samples = parse(&scrape(&format!("127.0.0.1:{}", ports[0])));
+        if value(&samples, "blkrep_link_up") == 0.0 {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 30, "link_up stays 1");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_bad_metrics_address_is_refused_with_the_field() {
+    let p = Pair::with_node_extra(
+        "badmetrics",
+        "async",
+        16 << 20,
+        ["metrics = \"nowhere\"", ""],
+    );
+    let out = p.blkrep(0, &["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node[0].metrics"), "{err}");
+}
