@@ -199,13 +199,7 @@ impl Volume {
                     // The activity log records the extent first (see al.rs).
                     self.persist_meta();
                 }
-                if !covered
-                    || self.local_inflight.overlaps(start, end)
-                    || self
-                        .blocked
-                        .iter()
-                        .any(|b| overlap(b.start, b.end, start, end))
-                {
+                if !covered || self.local_busy(start, end) {
                     self.blocked.push_back(Blocked {
                         req,
                         start,
@@ -247,6 +241,28 @@ impl Volume {
             "generation",
             format!("writing without the peer: new generation {new:016x} (was {old:016x})"),
         );
+    }
+
+    /// True when `[start, end)` overlaps a local write in flight or waiting to be issued.
+    pub(crate) fn local_busy(&self, start: u64, end: u64) -> bool {
+        self.local_inflight.overlaps(start, end)
+            || self
+                .blocked
+                .iter()
+                .any(|b| overlap(b.start, b.end, start, end))
+    }
+
+    /// A resync or verify read holds `[start, end)`: client writes over it wait for it (its
+    /// item must take its place in the stream before theirs).
+    pub(crate) fn reserve_background_read(&mut self, start: u64, end: u64) {
+        self.local_inflight.insert(start, end, u64::MAX);
+        self.resync_reads.insert(start, end, 0);
+    }
+
+    /// The background read at `start` completed.
+    pub(crate) fn release_background_read(&mut self, start: u64) {
+        self.local_inflight.remove(start);
+        self.resync_reads.remove(start);
     }
 
     fn issue_local(&mut self, req: ReqId, start: u64, end: u64, kind: DiskKind) {
@@ -472,19 +488,13 @@ impl Volume {
                 return;
             }
             let len = end - start;
+            if self.local_busy(start, end) {
+                return; // retried after the overlapping client write completes
+            }
             if !self.resync_budget(len) {
                 return; // the rate limit: the next tick tries again
             }
-            if self.local_inflight.overlaps(start, end)
-                || self
-                    .blocked
-                    .iter()
-                    .any(|b| overlap(b.start, b.end, start, end))
-            {
-                return; // retried after the overlapping client write completes
-            }
-            self.local_inflight.insert(start, end, u64::MAX);
-            self.resync_reads.insert(start, end, 0);
+            self.reserve_background_read(start, end);
             let r = self.resync.as_mut().expect("resync");
             r.cursor = end;
             r.reads_in_flight += 1;
@@ -542,8 +552,7 @@ impl Volume {
         epoch: u64,
         result: Result<Option<Bytes>, IoError>,
     ) {
-        self.local_inflight.remove(start);
-        self.resync_reads.remove(start);
+        self.release_background_read(start);
         let Some(r) = self.resync.as_mut().filter(|r| r.epoch == epoch) else {
             self.unblock();
             return; // the full sync was abandoned or restarted meanwhile

@@ -6,7 +6,6 @@
 
 use crate::dirty::BlockSet;
 use crate::msg::{ItemKind, Msg, StreamItem};
-use crate::ranges::overlap;
 use crate::status::VerifyStatus;
 use crate::types::*;
 use crate::volume::*;
@@ -104,6 +103,31 @@ impl Volume {
         if self.verify.as_ref().is_some_and(|v| !v.done()) {
             return Err(err("busy", "a verify is already running".into()));
         }
+        self.new_verify_run(repair);
+        let msg = format!(
+            "verify started: {} bytes in blocks of {VERIFY_BLOCK}{}",
+            self.cfg.volume_size,
+            if repair { ", repairing" } else { "" }
+        );
+        self.event("verify", msg.clone());
+        Ok(msg)
+    }
+
+    /// The checksum pass of a full sync: a verify with repair, run inside the resync.
+    pub(crate) fn start_checksum_pass(&mut self) {
+        self.new_verify_run(true);
+        self.event(
+            "verify",
+            format!(
+                "checksum full sync: comparing {} bytes in blocks of {VERIFY_BLOCK}; only the \
+                 blocks that differ are copied",
+                self.cfg.volume_size
+            ),
+        );
+    }
+
+    /// A fresh verify over the whole volume (the previous result is replaced).
+    fn new_verify_run(&mut self, repair: bool) {
         let run = self.verify.as_ref().map_or(1, |v| v.run + 1);
         self.verify = Some(VerifyRun {
             run,
@@ -118,39 +142,6 @@ impl Volume {
             finished_ns: None,
             aborted: None,
         });
-        let msg = format!(
-            "verify started: {} bytes in blocks of {VERIFY_BLOCK}{}",
-            self.cfg.volume_size,
-            if repair { ", repairing" } else { "" }
-        );
-        self.event("verify", msg.clone());
-        Ok(msg)
-    }
-
-    /// The checksum pass of a full sync: a verify with repair, run inside the resync.
-    pub(crate) fn start_checksum_pass(&mut self) {
-        let run = self.verify.as_ref().map_or(1, |v| v.run + 1);
-        self.verify = Some(VerifyRun {
-            run,
-            repair: true,
-            cursor: 0,
-            reads_in_flight: 0,
-            total: self.cfg.volume_size,
-            checked: 0,
-            bad: BlockSet::new(VERIFY_BLOCK as u64),
-            reports: BTreeMap::new(),
-            started_ns: self.now,
-            finished_ns: None,
-            aborted: None,
-        });
-        self.event(
-            "verify",
-            format!(
-                "checksum full sync: comparing {} bytes in blocks of {VERIFY_BLOCK}; only the \
-                 blocks that differ are copied",
-                self.cfg.volume_size
-            ),
-        );
     }
 
     /// Issue verify reads (primary housekeeping).
@@ -176,16 +167,10 @@ impl Volume {
             let (start, run) = (v.cursor, v.run);
             let len = VERIFY_CHUNK.min(size - start);
             let end = start + len;
-            if self.local_inflight.overlaps(start, end)
-                || self
-                    .blocked
-                    .iter()
-                    .any(|b| overlap(b.start, b.end, start, end))
-            {
+            if self.local_busy(start, end) {
                 return; // retried once the overlapping write completes
             }
-            self.local_inflight.insert(start, end, u64::MAX);
-            self.resync_reads.insert(start, end, 0);
+            self.reserve_background_read(start, end);
             let v = self.verify.as_mut().expect("verify");
             v.cursor = end;
             v.reads_in_flight += 1;
@@ -204,8 +189,7 @@ impl Volume {
         run: u64,
         result: Result<Option<Bytes>, IoError>,
     ) {
-        self.local_inflight.remove(start);
-        self.resync_reads.remove(start);
+        self.release_background_read(start);
         let current = self
             .verify
             .as_mut()

@@ -6,17 +6,6 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-fn require_qemu() -> bool {
-    if !have("qemu-io") || !have("qemu-img") {
-        if std::env::var("CI").is_ok() {
-            panic!("qemu-io/qemu-img missing in CI (install qemu-utils)");
-        }
-        eprintln!("skipping: qemu-io/qemu-img not installed (apt-get install qemu-utils)");
-        return false;
-    }
-    true
-}
-
 fn assert_images_equal(p: &Pair) {
     let (a, b) = (p.backing(0), p.backing(1));
     assert_eq!(

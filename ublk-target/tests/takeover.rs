@@ -10,17 +10,6 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
-fn require_qemu() -> bool {
-    if !have("qemu-io") || !have("qemu-img") {
-        if std::env::var("CI").is_ok() {
-            panic!("qemu-io/qemu-img missing in CI (install qemu-utils)");
-        }
-        eprintln!("skipping: qemu-io/qemu-img not installed (apt-get install qemu-utils)");
-        return false;
-    }
-    true
-}
-
 fn kill9(p: &Pair, i: usize) {
     let pid = p.status(i)["pid"].as_u64().expect("daemon running");
     let st = Command::new("kill")

@@ -35,6 +35,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// qemu-io and qemu-img are there; without them a test is skipped, except in CI where
+/// their absence is a failure (the install step is missing).
+pub fn require_qemu() -> bool {
+    if !have("qemu-io") || !have("qemu-img") {
+        if std::env::var("CI").is_ok() {
+            panic!("qemu-io/qemu-img missing in CI (install qemu-utils)");
+        }
+        eprintln!("skipping: qemu-io/qemu-img not installed (apt-get install qemu-utils)");
+        return false;
+    }
+    true
+}
+
 pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .arg("-c")
