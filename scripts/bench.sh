@@ -5,6 +5,8 @@
 #   qemu-nbd  qemu-nbd --cache=none --aio=io_uring on the same file (fio nbd engine)
 #   async     blkrep pair on loopback, async mode, primary backing = the same file
 #   sync      blkrep pair on loopback, sync mode
+#   async-plain, sync-plain   the same with resource.insecure = true (no TLS): the cost of
+#             the encrypted link is async / async-plain
 # The replica's backing lives in --replica-dir (default /dev/shm): a remote node has a disk
 # of its own, so by default the replica does not compete for this disk (it still competes
 # for the CPUs). --replica-dir on the same disk as --dir shows the same-disk case.
@@ -49,7 +51,7 @@ mkdir -p "$RUN"
 pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  for m in async sync; do
+  for m in async sync async-plain sync-plain; do
     [ -f "$DIR/$m.toml" ] && for n in alpha beta; do
       "$BIN/blkrep" --config "$DIR/$m.toml" --node $n down --timeout 20 >/dev/null 2>&1 || true
     done
@@ -70,27 +72,39 @@ done
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-write_config() { # mode
-  local m=$1
-  cat >"$DIR/$m.toml" <<EOF
+mkdir -p "$DIR/keys"
+for n in alpha beta; do
+  "$BIN/blkrep" keygen --force --out "$DIR/keys/$n" >"$DIR/keys/$n.toml"
+done
+tls_lines() { # node contender
+  case "$2" in *-plain) ;; *) grep -E '^(key|cert|fingerprint) =' "$DIR/keys/$1.toml" ;; esac
+}
+
+write_config() { # contender: async, sync, async-plain, sync-plain
+  local c=$1 m=${1%%-*} insecure=false
+  case "$c" in *-plain) insecure=true ;; esac
+  cat >"$DIR/$c.toml" <<EOF
 [resource]
 name = "r0"
 size = $bytes
 mode = "$m"
-run_dir = "$RUN/$m"
+run_dir = "$RUN/$c"
 frontend = "nbd"
+insecure = $insecure
 
 [[node]]
 name = "alpha"
 address = "127.0.0.1:$(port)"
 backing = "$IMG"
-metadata = "$DIR/alpha-$m.md"
+metadata = "$DIR/alpha-$c.md"
+$(tls_lines alpha "$c")
 
 [[node]]
 name = "beta"
 address = "127.0.0.1:$(port)"
 backing = "$REPLICA"
-metadata = "$DIR/beta-$m.md"
+metadata = "$DIR/beta-$c.md"
+$(tls_lines beta "$c")
 EOF
 }
 
@@ -154,7 +168,7 @@ for r in $(seq "$ROUNDS"); do
         wait_sock "$RUN/qemu.sock"
         nbd_fio "$r" qemu-nbd "nbd+unix:///vol?socket=$RUN/qemu.sock"
         kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true ;;
-      async|sync)
+      async|sync|async-plain|sync-plain)
         write_config "$c"
         cfg=$DIR/$c.toml
         for n in alpha beta; do

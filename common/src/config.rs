@@ -13,10 +13,15 @@
 //! frontend = "auto"       # "ublk", "nbd", or "auto": ublk when /dev/ublk-control exists
 //! ublk_queues = 1         # ublk hardware queues (a node may override both)
 //! ublk_depth = 64         # ublk tags per queue (1-4096)
+//! insecure = false        # true: plaintext replication link (trusted networks only)
 //!
 //! [[node]]
 //! name = "alpha"
-//! address = "10.0.0.1:7789"        # replication listen/dial address
+//! address = "10.0.0.1:7789"        # replication address: the peer dials it
+//! listen = "0.0.0.0:7789"          # optional: where this node listens (default: address)
+//! key = "/etc/blkrep/alpha.key"    # TLS private key (only alpha needs the file)
+//! cert = "/etc/blkrep/alpha.crt"   # TLS certificate
+//! fingerprint = "sha256:…"         # the certificate's fingerprint: the peer pins it
 //! backing = "/dev/vg0/r0"          # file or block device
 //! metadata = "/var/lib/blkrep/r0.md"
 //! nbd = "unix:/run/blkrep/r0.nbd"  # optional: "unix:PATH" or "tcp:127.0.0.1:10809"
@@ -30,6 +35,7 @@
 //! Every problem is reported with the field it concerns (`node[1].backing: ...`).
 
 use blkrep_engine::Mode;
+pub use blkrep_transport::tls::Fingerprint;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -210,6 +216,7 @@ struct RawResource {
     frontend: Option<String>,
     ublk_queues: Option<i64>,
     ublk_depth: Option<i64>,
+    insecure: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -217,6 +224,10 @@ struct RawResource {
 struct RawNode {
     name: String,
     address: String,
+    listen: Option<String>,
+    key: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    fingerprint: Option<String>,
     backing: PathBuf,
     metadata: PathBuf,
     nbd: Option<String>,
@@ -247,6 +258,20 @@ pub struct Resource {
     pub frontend: Frontend,
     /// ublk queues and depth (nodes may override them).
     pub ublk: UblkShape,
+    /// The replication link runs in plaintext, unauthenticated (`insecure = true`).
+    pub insecure: bool,
+}
+
+/// A node's TLS identity: its key and certificate files and the certificate's fingerprint,
+/// which its peer pins.
+#[derive(Clone, Debug)]
+pub struct NodeTls {
+    /// Private key (PEM); only this node reads it.
+    pub key: PathBuf,
+    /// Certificate (PEM).
+    pub cert: PathBuf,
+    /// SHA-256 fingerprint of the certificate.
+    pub fingerprint: Fingerprint,
 }
 
 /// One node, validated.
@@ -254,8 +279,13 @@ pub struct Resource {
 pub struct NodeConfig {
     /// Node name (unique in the resource).
     pub name: String,
-    /// Replication address `host:port`: this node listens on it, its peer dials it.
+    /// Replication address `host:port`: its peer dials it (and this node listens on it
+    /// unless `listen` says otherwise).
     pub address: String,
+    /// Where this node listens for its peer, when not on `address` (NAT, a proxy, 0.0.0.0).
+    pub listen: Option<String>,
+    /// TLS identity; `None` only when the resource is `insecure`.
+    pub tls: Option<NodeTls>,
     /// Backing file or block device.
     pub backing: PathBuf,
     /// Metadata file or device.
@@ -352,6 +382,7 @@ impl Config {
             }
         };
         let run_dir = r.run_dir.unwrap_or_else(|| DEFAULT_RUN_DIR.into());
+        let insecure = r.insecure.unwrap_or(false);
         let frontend = match r.frontend.as_deref() {
             None | Some("auto") => Frontend::Auto,
             Some("ublk") => Frontend::Ublk,
@@ -409,9 +440,59 @@ impl Config {
                     )
                 })?),
             };
+            if let Some(l) = &n.listen {
+                check_address(l).map_err(|p| invalid(f("listen"), p))?;
+            }
+            let tls = match (n.key, n.cert, n.fingerprint) {
+                (None, None, None) if insecure => None,
+                // insecure = true wins: the link is plaintext, keys or not.
+                (Some(_), Some(_), Some(fp)) if insecure => {
+                    Fingerprint::parse(&fp)
+                        .map_err(|e| invalid(f("fingerprint"), e.to_string()))?;
+                    None
+                }
+                (Some(key), Some(cert), Some(fp)) => Some(NodeTls {
+                    key,
+                    cert,
+                    fingerprint: Fingerprint::parse(&fp)
+                        .map_err(|e| invalid(f("fingerprint"), e.to_string()))?,
+                }),
+                (key, cert, fp) => {
+                    let missing = [
+                        ("key", key.is_none()),
+                        ("cert", cert.is_none()),
+                        ("fingerprint", fp.is_none()),
+                    ]
+                    .iter()
+                    .filter(|(_, m)| *m)
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>();
+                    let field = missing.first().copied().unwrap_or("key");
+                    return Err(invalid(
+                        f(field),
+                        if insecure {
+                            format!(
+                                "set key, cert and fingerprint together, or none of them (missing: {})",
+                                missing.join(", ")
+                            )
+                        } else {
+                            format!(
+                                "missing ({} missing): the replication link is encrypted and \
+                                 authenticated by default; run `blkrep keygen --out DIR/{}` \
+                                 and paste the lines it prints, or set resource.insecure = true \
+                                 on a trusted network",
+                                missing.join(", "),
+                                n.name
+                            )
+                        },
+                    ));
+                }
+            };
             nodes.push(NodeConfig {
                 name: n.name,
                 address: n.address,
+                listen: n.listen,
+                tls,
                 backing: n.backing,
                 metadata: n.metadata,
                 nbd,
@@ -443,10 +524,16 @@ impl Config {
                 run_dir,
                 frontend,
                 ublk,
+                insecure,
             },
             nodes,
             hash: blake3::hash(text.as_bytes()).to_hex().to_string(),
         })
+    }
+
+    /// Where `node` listens for its peer.
+    pub fn listen_address(&self, node: &NodeConfig) -> String {
+        node.listen.clone().unwrap_or_else(|| node.address.clone())
     }
 
     /// The node called `name`.
@@ -638,6 +725,9 @@ name = "alpha"
 address = "127.0.0.1:7001"
 backing = "/tmp/a.img"
 metadata = "/tmp/a.md"
+key = "/etc/blkrep/alpha.key"
+cert = "/etc/blkrep/alpha.crt"
+fingerprint = "sha256:abababababababababababababababababababababababababababababababab"
 
 [[node]]
 name = "beta"
@@ -645,6 +735,9 @@ address = "127.0.0.1:7002"
 backing = "/tmp/b.img"
 metadata = "/tmp/b.md"
 nbd = "tcp:127.0.0.1:10809"
+key = "/etc/blkrep/beta.key"
+cert = "/etc/blkrep/beta.crt"
+fingerprint = "sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"
 "#;
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
@@ -653,6 +746,51 @@ nbd = "tcp:127.0.0.1:10809"
 
     fn err(t: &str) -> String {
         parse(t).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn tls_is_required_unless_insecure() {
+        let c = parse(GOOD).unwrap();
+        assert!(!c.resource.insecure);
+        let t = c.node("beta").unwrap().tls.clone().unwrap();
+        assert_eq!(
+            t.fingerprint.to_string(),
+            format!("sha256:{}", "cd".repeat(32))
+        );
+        assert_eq!(c.listen_address(c.node("beta").unwrap()), "127.0.0.1:7002");
+        let no_fp = GOOD.replace(
+            &format!("fingerprint = \"sha256:{}\"\n", "ab".repeat(32)),
+            "",
+        );
+        let e = err(&no_fp);
+        assert!(
+            e.contains("node[0].fingerprint") && e.contains("blkrep keygen"),
+            "{e}"
+        );
+        let no_tls: String = GOOD
+            .lines()
+            .filter(|l| {
+                !l.starts_with("key") && !l.starts_with("cert") && !l.starts_with("fingerprint")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(err(&no_tls).contains("insecure = true"));
+        let c = parse(&no_tls.replace("mode = \"async\"", "mode = \"async\"\ninsecure = true"))
+            .unwrap();
+        assert!(c.resource.insecure && c.nodes.iter().all(|n| n.tls.is_none()));
+        let bad = GOOD.replace(&"cd".repeat(32), "cd");
+        assert!(err(&bad).contains("node[1].fingerprint"), "{}", err(&bad));
+        let listen = GOOD.replace(
+            "address = \"127.0.0.1:7002\"",
+            "address = \"127.0.0.1:7002\"\nlisten = \"nowhere\"",
+        );
+        assert!(err(&listen).contains("node[1].listen"), "{}", err(&listen));
+        let listen = GOOD.replace(
+            "address = \"127.0.0.1:7002\"",
+            "address = \"127.0.0.1:7002\"\nlisten = \"0.0.0.0:7002\"",
+        );
+        let c = parse(&listen).unwrap();
+        assert_eq!(c.listen_address(c.node("beta").unwrap()), "0.0.0.0:7002");
     }
 
     #[test]

@@ -115,8 +115,24 @@ pub struct DaemonStatus {
     pub device_state: Option<String>,
     /// Seconds since the daemon started.
     pub uptime_seconds: f64,
+    /// `"tls (TLS 1.3, peer pinned to sha256:...)"`, or `"insecure"` (plaintext,
+    /// unauthenticated: `resource.insecure = true`).
+    #[serde(default)]
+    pub link_security: String,
+    /// The last failed link attempt (a refused connection, an unreachable peer).
+    #[serde(default)]
+    pub link_last_error: Option<LinkError>,
     /// The replication engine's state.
     pub engine: EngineStatus,
+}
+
+/// A failed link attempt.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LinkError {
+    /// How long ago.
+    pub seconds_ago: f64,
+    /// What happened.
+    pub message: String,
 }
 
 /// Encode a request line (without the newline).

@@ -2,6 +2,7 @@
 
 use blkrep_common::control::DaemonStatus;
 use blkrep_engine::meta::Metadata;
+use blkrep_engine::ConnState;
 use std::fmt::Write;
 
 /// `1.5 MiB` style sizes.
@@ -55,6 +56,22 @@ pub fn status(s: &DaemonStatus) -> String {
     );
     if let Some(r) = &e.refused_reason {
         let _ = writeln!(o, "    refused: {r}");
+    }
+    if s.link_security == "insecure" {
+        let _ = writeln!(
+            o,
+            "  LINK INSECURE: plaintext and unauthenticated (resource.insecure = true); anyone \
+             on the path can read or forge replication traffic"
+        );
+    } else if !s.link_security.is_empty() {
+        let _ = writeln!(o, "  link {}", s.link_security);
+    }
+    if let (Some(le), false) = (&s.link_last_error, e.conn == ConnState::Connected) {
+        let _ = writeln!(
+            o,
+            "    last link failure {:.0}s ago: {}",
+            le.seconds_ago, le.message
+        );
     }
     if e.split_brain {
         let _ = writeln!(

@@ -36,6 +36,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Verb {
+    /// Make a TLS key and self-signed certificate for a node (PREFIX.key, PREFIX.crt) and
+    /// print the lines for its [[node]] section. Needs no configuration.
+    Keygen {
+        /// Path prefix of the files, e.g. /etc/blkrep/alpha.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite existing files (the old key stops working at the peer once the
+        /// fingerprint in the configuration changes).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Initialise this node's metadata (refuses to overwrite valid metadata without --force).
     CreateMd {
         resource: Option<String>,
@@ -136,6 +149,7 @@ impl Verb {
             | Verb::Resolve { resource, .. }
             | Verb::Verify { resource, .. }
             | Verb::Failback { resource, .. } => resource.as_deref(),
+            Verb::Keygen { .. } => None,
         }
     }
 }
@@ -162,6 +176,70 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+fn keygen(out: &Path, force: bool, json: bool) -> Result<u8, Fail> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            usage(anyhow::anyhow!(
+                "--out needs a file name prefix, like /etc/blkrep/alpha"
+            ))
+        })?;
+    let prefix = std::path::absolute(out).unwrap_or_else(|_| out.to_path_buf());
+    let key_path = PathBuf::from(format!("{}.key", prefix.display()));
+    let cert_path = PathBuf::from(format!("{}.crt", prefix.display()));
+    if !force {
+        for p in [&key_path, &cert_path] {
+            if p.exists() {
+                return Err(anyhow::anyhow!(
+                    "{} exists; pass --force to replace the key (the peer then needs the new fingerprint)",
+                    p.display()
+                )
+                .into());
+            }
+        }
+    }
+    let k = blkrep_transport::tls::keygen(&name)?;
+    let write = |p: &Path, data: &str, mode: u32| -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(p);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(p)
+            .with_context(|| format!("cannot create {}", p.display()))?;
+        f.write_all(data.as_bytes())?;
+        f.sync_all()?;
+        Ok(())
+    };
+    write(&key_path, &k.key_pem, 0o600)?;
+    write(&cert_path, &k.cert_pem, 0o644)?;
+    if json {
+        let v = serde_json::json!({
+            "key": key_path,
+            "cert": cert_path,
+            "fingerprint": k.fingerprint.to_string(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "wrote {} (private: keep it on this node only) and {}",
+        key_path.display(),
+        cert_path.display()
+    );
+    println!(
+        "put these lines in this node's [[node]] section, in the configuration of both nodes:"
+    );
+    println!("key = \"{}\"", key_path.display());
+    println!("cert = \"{}\"", cert_path.display());
+    println!("fingerprint = \"{}\"", k.fingerprint);
+    Ok(0)
 }
 
 fn load(cli: &Cli) -> Result<(Config, String), Fail> {
@@ -210,8 +288,12 @@ fn load(cli: &Cli) -> Result<(Config, String), Fail> {
 }
 
 fn run(cli: Cli) -> Result<u8, Fail> {
+    if let Verb::Keygen { out, force, json } = &cli.verb {
+        return keygen(out, *force, *json);
+    }
     let (cfg, node) = load(&cli)?;
     match cli.verb {
+        Verb::Keygen { .. } => unreachable!("handled before loading the configuration"),
         Verb::CreateMd { force, .. } => {
             if daemon_pid(&cfg, &node).is_some() {
                 return Err(anyhow::anyhow!(

@@ -201,7 +201,8 @@ make_backings() { # size (default $SIZE or 64M)
 }
 
 # Write the resource config. Environment: SIZE (default 64M), MODE (sync), FRONTEND (unset:
-# the default frontend), RESOURCE_EXTRA (more lines for [resource], e.g. a queue depth).
+# the default frontend), RESOURCE_EXTRA (more lines for [resource], e.g. a queue depth;
+# "insecure = true" there leaves TLS out). Each site gets a key from `blkrep keygen`.
 # Backings come from make_backings.
 write_config() {
   local s
@@ -220,6 +221,10 @@ write_config() {
       echo "address = \"${ADDR[$s]}:$PORT\""
       echo "backing = \"$(backing "$s")\""
       echo "metadata = \"$WORK/$s.md\""
+      if ! grep -q '^insecure = true' <<<"${RESOURCE_EXTRA:-}"; then
+        [ -f "$WORK/$s.toml" ] || blkrep keygen --force --out "$WORK/$s" >"$WORK/$s.toml"
+        grep -E '^(key|cert|fingerprint) =' "$WORK/$s.toml"
+      fi
     done
   } >"$CFG"
 }

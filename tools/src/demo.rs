@@ -166,11 +166,27 @@ fn scenario(d: &mut Demo, a: &DemoArgs) -> anyhow::Result<()> {
     for (i, n) in NODES.iter().enumerate() {
         let f = std::fs::File::create(d.backing(i))?;
         f.set_len(a.size)?;
+        // The link is encrypted by default: each node gets a key and pins the other's.
+        let out = Command::new(&d.blkrep)
+            .args(["keygen", "--json", "--out"])
+            .arg(d.dir.join(n))
+            .output()
+            .with_context(|| format!("running {} keygen", d.blkrep.display()))?;
+        if !out.status.success() {
+            bail!(
+                "blkrep keygen: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let k: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         toml += &format!(
-            "\n[[node]]\nname = \"{n}\"\naddress = \"127.0.0.1:{}\"\nbacking = \"{}\"\nmetadata = \"{}\"\n",
+            "\n[[node]]\nname = \"{n}\"\naddress = \"127.0.0.1:{}\"\nbacking = \"{}\"\nmetadata = \"{}\"\nkey = {}\ncert = {}\nfingerprint = {}\n",
             free_port()?,
             d.backing(i).display(),
-            d.dir.join(format!("{n}.md")).display()
+            d.dir.join(format!("{n}.md")).display(),
+            k["key"],
+            k["cert"],
+            k["fingerprint"]
         );
     }
     std::fs::write(&d.config, &toml)?;

@@ -7,9 +7,10 @@
 //! * [`codec`]: versioned, checksummed frames for the engine's messages, and a streaming
 //!   decoder for the io_uring event loop.
 //!
-//! Authentication and encryption (TLS 1.3, pinned peer keys) come with the link-resilience
-//! work; until then the link must run on a trusted network (see the README).
+//! * [`tls`]: TLS 1.3 with pinned peer certificates, mutual: the link is encrypted and
+//!   authenticated unless the configuration says `insecure = true`.
 
 pub mod codec;
 pub mod handshake;
+pub mod tls;
 pub mod wire;

@@ -22,11 +22,12 @@ use crate::nbd::handshake::ExportInfo;
 use crate::nbd::transmission::RequestParser;
 use crate::sendq::SendQueue;
 use crate::wake::Waker;
-use blkrep_common::control::{ControlError, DaemonStatus, Request};
+use blkrep_common::control::{ControlError, DaemonStatus, LinkError, Request};
 use blkrep_engine::{AdminCmd, ConnId, Input, IoError, OpId, Output, ReqId, Role, Volume};
 use blkrep_transport::codec::{self, Decoder};
 use io_uring::{opcode, types, IoUring};
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -48,6 +49,8 @@ pub struct Shared {
     pub linked: Arc<AtomicBool>,
     /// True while this node is not primary (new NBD exports are read-only).
     pub read_only: Arc<AtomicBool>,
+    /// The last failed link attempt (refused or unreachable).
+    pub last_link_error: crate::link::LastLinkError,
 }
 
 /// Static facts for `status`.
@@ -57,6 +60,8 @@ pub struct Identity {
     pub peer: String,
     pub peer_address: String,
     pub export: String,
+    /// `"tls (...)"` or `"insecure"`.
+    pub link_security: String,
 }
 
 const RING_ENTRIES: u32 = 1024;
@@ -127,6 +132,9 @@ struct Link {
     fd: OwnedFd,
     gen: ConnId,
     decoder: Decoder,
+    /// TLS session and its receive buffer for ciphertext (None: an insecure link).
+    tls: Option<Box<rustls::Connection>>,
+    cipher: Vec<u8>,
     recv_posted: bool,
     sendq: SendQueue,
     /// Closing: no more input is taken; what is queued (a goodbye) is still sent, until
@@ -377,9 +385,23 @@ impl Loop {
                 {
                     self.scratch.clear();
                     let data = codec::encode(&msg, &mut self.scratch);
-                    l.sendq.push_copy(&self.scratch);
-                    if let Some(d) = data {
-                        l.sendq.push_shared(d);
+                    match l.tls.as_deref_mut() {
+                        None => {
+                            l.sendq.push_copy(&self.scratch);
+                            if let Some(d) = data {
+                                l.sendq.push_shared(d);
+                            }
+                        }
+                        Some(conn) => {
+                            // Buffers are unlimited (set after the handshake): these
+                            // writes take everything.
+                            let mut w = conn.writer();
+                            let _ = w.write_all(&self.scratch);
+                            if let Some(d) = data {
+                                let _ = w.write_all(&d);
+                            }
+                            tls_out(conn, &mut l.sendq);
+                        }
                     }
                 }
             }
@@ -484,6 +506,17 @@ impl Loop {
             device: self.ublk.as_ref().and_then(|u| u.device()),
             device_state: self.ublk.as_ref().map(|u| u.state().to_string()),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
+            link_security: self.id.link_security.clone(),
+            link_last_error: self
+                .shared
+                .last_link_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .map(|(at, why)| LinkError {
+                    seconds_ago: at.elapsed().as_secs_f64(),
+                    message: why,
+                }),
             engine: self.vol.status(),
         };
         serde_json::to_value(st).unwrap_or_default()
@@ -505,10 +538,17 @@ impl Loop {
         let gen = self.next_gen;
         self.next_gen += 1;
         tracing::info!("replication link up ({})", l.peer_addr);
+        let has_tls = l.tls.is_some();
         self.links.push(Link {
             fd: OwnedFd::from(l.stream),
             gen,
             decoder: Decoder::new(),
+            tls: l.tls.map(Box::new),
+            cipher: if has_tls {
+                vec![0; LINK_RECV]
+            } else {
+                Vec::new()
+            },
             recv_posted: false,
             sendq: SendQueue::default(),
             closing: None,
@@ -516,8 +556,13 @@ impl Loop {
             ring_ops: 0,
         });
         self.shared.linked.store(true, Ordering::Relaxed);
-        self.link_post_recv(gen);
         self.feed(Input::PeerConnected { conn: gen });
+        if has_tls {
+            // The TLS session may hold records read along with the link handshake.
+            self.link_input(gen, 0);
+        } else {
+            self.link_post_recv(gen);
+        }
     }
 
     fn link_post_recv(&mut self, gen: ConnId) {
@@ -527,8 +572,12 @@ impl Loop {
         if l.recv_posted || l.closing.is_some() {
             return;
         }
-        let spare = l.decoder.spare(LINK_RECV);
-        let (ptr, len) = (spare.as_mut_ptr(), spare.len() as u32);
+        let (ptr, len) = if l.tls.is_some() {
+            (l.cipher.as_mut_ptr(), l.cipher.len() as u32)
+        } else {
+            let spare = l.decoder.spare(LINK_RECV);
+            (spare.as_mut_ptr(), spare.len() as u32)
+        };
         l.recv_posted = true;
         l.ring_ops += 1;
         let fd = l.fd.as_raw_fd();
@@ -561,7 +610,96 @@ impl Loop {
             self.feed(Input::PeerClosed { conn: gen });
             return;
         }
+        if l.tls.is_some() {
+            return self.link_input(gen, res as usize);
+        }
         l.decoder.filled(res as usize);
+        self.link_decode(gen);
+    }
+
+    /// Feed received ciphertext through the link's TLS session into its decoder, then
+    /// decode. A record that fails authentication (tampered, replayed, truncated, not
+    /// TLS at all) closes the link; nothing of it reaches the engine. `n`: bytes received
+    /// into the link's ciphertext buffer.
+    fn link_input(&mut self, gen: ConnId, n: usize) {
+        let Some(l) = self
+            .links
+            .iter_mut()
+            .find(|l| l.gen == gen && l.closing.is_none())
+        else {
+            return;
+        };
+        let Link {
+            tls,
+            cipher,
+            decoder,
+            sendq,
+            ..
+        } = l;
+        let Some(conn) = tls.as_deref_mut() else {
+            return;
+        };
+        let mut data = &cipher[..n];
+        let mut failure = None;
+        let mut peer_closed = false;
+        'feed: loop {
+            if !data.is_empty() {
+                if let Err(e) = conn.read_tls(&mut data) {
+                    failure = Some(format!("TLS input: {e}"));
+                    break;
+                }
+            }
+            if let Err(e) = conn.process_new_packets() {
+                failure = Some(format!(
+                    "TLS error: {e} (corrupt, tampered or replayed data; none of it was applied)"
+                ));
+                break;
+            }
+            loop {
+                let spare = decoder.spare(64 << 10);
+                match conn.reader().read(spare) {
+                    Ok(0) => {
+                        peer_closed = true;
+                        break 'feed;
+                    }
+                    Ok(k) => decoder.filled(k),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        failure = Some(format!("TLS: {e}"));
+                        break 'feed;
+                    }
+                }
+            }
+            if data.is_empty() {
+                break;
+            }
+        }
+        // Alerts, key updates.
+        tls_out(conn, sendq);
+        // Messages decrypted before a failure were authenticated: deliver them first.
+        self.link_decode(gen);
+        if !self
+            .links
+            .iter()
+            .any(|l| l.gen == gen && l.closing.is_none())
+        {
+            return;
+        }
+        if let Some(why) = failure {
+            tracing::warn!("replication link: {why}; closing");
+            self.close_link(gen);
+            self.feed(Input::PeerClosed { conn: gen });
+        } else if peer_closed {
+            tracing::warn!("replication link lost: peer closed the TLS session");
+            self.close_link(gen);
+            self.feed(Input::PeerClosed { conn: gen });
+        } else {
+            self.link_post_recv(gen);
+        }
+    }
+
+    /// Hand every complete frame in the link's decoder to the engine.
+    fn link_decode(&mut self, gen: ConnId) {
         loop {
             let Some(l) = self
                 .links
@@ -581,7 +719,9 @@ impl Loop {
                 }
             }
         }
-        self.link_post_recv(gen);
+        if self.links.iter().any(|l| l.gen == gen && l.tls.is_none()) {
+            self.link_post_recv(gen);
+        }
     }
 
     fn link_send_done(&mut self, gen: ConnId, res: i32) {
@@ -612,6 +752,10 @@ impl Loop {
         if let Some(l) = self.links.iter_mut().find(|l| l.gen == gen) {
             if l.closing.is_none() {
                 l.closing = Some(Instant::now());
+                if let Some(conn) = l.tls.as_deref_mut() {
+                    conn.send_close_notify();
+                    tls_out(conn, &mut l.sendq);
+                }
                 // SAFETY: shutting down our own open socket; completes its pending recv.
                 unsafe { libc::shutdown(l.fd.as_raw_fd(), libc::SHUT_RD) };
             }
@@ -720,6 +864,19 @@ impl Loop {
             );
         }
     }
+}
+
+/// Move the TLS session's pending ciphertext into the link's send queue.
+fn tls_out(conn: &mut rustls::Connection, sendq: &mut SendQueue) {
+    if !conn.wants_write() {
+        return;
+    }
+    let mut out = Vec::new();
+    while conn.wants_write() {
+        // Writing into a Vec cannot fail.
+        let _ = conn.write_tls(&mut out);
+    }
+    sendq.push_shared(bytes::Bytes::from(out));
 }
 
 /// The loop's ring. Only this thread submits and completions are reaped only in

@@ -5,13 +5,20 @@
 //!
 //! Both run on plain threads with blocking sockets and timeouts; an established, verified
 //! connection is handed to the event loop, which owns it from then on.
+//!
+//! With TLS (the default), the TLS 1.3 handshake with the pinned peer certificate comes
+//! first and the link handshake travels inside it; the TLS state goes to the event loop
+//! with the socket.
 
 use crate::wake::Waker;
-use blkrep_transport::handshake::{client_handshake, server_handshake, LinkIdentity};
+use blkrep_transport::handshake::{
+    client_handshake, server_handshake, HandshakeError, LinkIdentity,
+};
+use blkrep_transport::tls::{TlsSetup, TlsStream};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// How long a handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -20,6 +27,51 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct LinkConn {
     pub stream: TcpStream,
     pub peer_addr: String,
+    /// The TLS session (None on an insecure link).
+    pub tls: Option<rustls::Connection>,
+}
+
+/// TLS first (when configured), then the link handshake inside it.
+fn establish(
+    stream: &mut TcpStream,
+    id: &LinkIdentity,
+    tls: Option<&TlsSetup>,
+    dialer: bool,
+) -> Result<Option<rustls::Connection>, String> {
+    prepare(stream).map_err(|e| e.to_string())?;
+    let Some(tls) = tls else {
+        let r = if dialer {
+            client_handshake(stream, id)
+        } else {
+            server_handshake(stream, id)
+        };
+        return r.map(|_| None).map_err(|e| match e {
+            // 0x16: a TLS handshake record.
+            HandshakeError::Stranger(b) if b.first() == Some(&0x16) => {
+                "the peer speaks TLS (its configuration requires it) and this node has \
+                 resource.insecure = true: use the same configuration on both nodes"
+                    .into()
+            }
+            e => e.to_string(),
+        });
+    };
+    let mut conn = if dialer {
+        tls.connect(stream)
+    } else {
+        tls.accept(stream)
+    }
+    .map_err(|e| e.to_string())?;
+    let mut s = TlsStream {
+        conn: &mut conn,
+        sock: stream,
+    };
+    let r = if dialer {
+        client_handshake(&mut s, id)
+    } else {
+        server_handshake(&mut s, id)
+    };
+    r.map_err(|e| e.to_string())?;
+    Ok(Some(conn))
 }
 
 fn prepare(stream: &TcpStream) -> std::io::Result<()> {
@@ -34,13 +86,46 @@ fn finish(stream: TcpStream) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// The last failed connection attempt, for `status`: when, and why.
+pub type LastLinkError = Arc<Mutex<Option<(Instant, String)>>>;
+
+/// What the link threads share: who we are, the TLS setup, where established links go.
+#[derive(Clone)]
+pub struct LinkCtx {
+    pub id: LinkIdentity,
+    pub tls: Option<Arc<TlsSetup>>,
+    pub tx: crossbeam_channel::Sender<LinkConn>,
+    pub waker: Waker,
+    pub last_error: LastLinkError,
+}
+
+impl LinkCtx {
+    fn failed(&self, why: String) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some((Instant::now(), why));
+        }
+    }
+
+    /// Hand an established link to the event loop; false when the loop is gone.
+    fn hand_over(&self, conn: LinkConn) -> bool {
+        if self.tx.send(conn).is_err() {
+            return false;
+        }
+        self.waker.wake();
+        true
+    }
+}
+
+fn security(tls: &Option<rustls::Connection>) -> &'static str {
+    if tls.is_some() {
+        "TLS 1.3, peer certificate pinned"
+    } else {
+        "PLAINTEXT"
+    }
+}
+
 /// Accept replication connections on `listener` forever.
-pub fn spawn_listener(
-    listener: TcpListener,
-    id: LinkIdentity,
-    tx: crossbeam_channel::Sender<LinkConn>,
-    waker: Waker,
-) {
+pub fn spawn_listener(listener: TcpListener, ctx: LinkCtx) {
     std::thread::Builder::new()
         .name("link-accept".into())
         .spawn(move || {
@@ -53,50 +138,44 @@ pub fn spawn_listener(
                         continue;
                     }
                 };
-                let id = id.clone();
-                let tx = tx.clone();
-                let waker = waker.clone();
+                let ctx = ctx.clone();
                 // One thread per handshake, so a silent stranger cannot block the port.
                 let _ = std::thread::Builder::new()
                     .name("link-handshake".into())
-                    .spawn(move || {
-                        let peer_addr = stream
-                            .peer_addr()
-                            .map(|a| a.to_string())
-                            .unwrap_or_else(|_| "?".into());
-                        let mut stream = stream;
-                        let r = prepare(&stream)
-                            .map_err(|e| e.to_string())
-                            .and_then(|_| {
-                                server_handshake(&mut stream, &id).map_err(|e| e.to_string())
-                            })
-                            .and_then(|_| finish(stream).map_err(|e| e.to_string()));
-                        match r {
-                            Ok(stream) => {
-                                tracing::info!("replication link from {peer_addr} accepted");
-                                if tx.send(LinkConn { stream, peer_addr }).is_ok() {
-                                    waker.wake();
-                                }
-                            }
-                            Err(e) => tracing::warn!(
-                                "replication port: refused connection from {peer_addr}: {e}"
-                            ),
-                        }
-                    });
+                    .spawn(move || accept_one(stream, &ctx));
             }
         })
         .expect("spawn link listener");
 }
 
+fn accept_one(mut stream: TcpStream, ctx: &LinkCtx) {
+    let peer_addr = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let r = establish(&mut stream, &ctx.id, ctx.tls.as_deref(), false)
+        .and_then(|tls| finish(stream).map(|s| (s, tls)).map_err(|e| e.to_string()));
+    match r {
+        Ok((stream, tls)) => {
+            tracing::info!(
+                "replication link from {peer_addr} accepted ({})",
+                security(&tls)
+            );
+            ctx.hand_over(LinkConn {
+                stream,
+                peer_addr,
+                tls,
+            });
+        }
+        Err(e) => {
+            tracing::warn!("replication port: refused connection from {peer_addr}: {e}");
+            ctx.failed(format!("refused a connection from {peer_addr}: {e}"));
+        }
+    }
+}
+
 /// Keep dialling `peer` while `linked` is false.
-pub fn spawn_connector(
-    peer: String,
-    id: LinkIdentity,
-    linked: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    tx: crossbeam_channel::Sender<LinkConn>,
-    waker: Waker,
-) {
+pub fn spawn_connector(peer: String, ctx: LinkCtx, linked: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
     std::thread::Builder::new()
         .name("link-connect".into())
         .spawn(move || {
@@ -108,27 +187,29 @@ pub fn spawn_connector(
                     backoff = Duration::from_millis(100);
                     continue;
                 }
-                match dial(&peer, &id) {
-                    Ok(stream) => {
-                        tracing::info!("replication link to {peer} established");
+                match dial(&peer, &ctx.id, ctx.tls.as_deref()) {
+                    Ok((stream, tls)) => {
+                        tracing::info!(
+                            "replication link to {peer} established ({})",
+                            security(&tls)
+                        );
                         linked.store(true, Ordering::Relaxed);
-                        if tx
-                            .send(LinkConn {
-                                stream,
-                                peer_addr: peer.clone(),
-                            })
-                            .is_err()
-                        {
+                        let conn = LinkConn {
+                            stream,
+                            peer_addr: peer.clone(),
+                            tls,
+                        };
+                        if !ctx.hand_over(conn) {
                             return;
                         }
-                        waker.wake();
                         last_err.clear();
                     }
                     Err(e) => {
                         if e != last_err {
                             tracing::warn!("cannot reach peer at {peer}: {e} (retrying)");
-                            last_err = e;
+                            last_err = e.clone();
                         }
+                        ctx.failed(format!("cannot reach {peer}: {e}"));
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                     }
@@ -138,7 +219,11 @@ pub fn spawn_connector(
         .expect("spawn link connector");
 }
 
-fn dial(peer: &str, id: &LinkIdentity) -> Result<TcpStream, String> {
+fn dial(
+    peer: &str,
+    id: &LinkIdentity,
+    tls: Option<&TlsSetup>,
+) -> Result<(TcpStream, Option<rustls::Connection>), String> {
     let addr = peer
         .to_socket_addrs()
         .map_err(|e| format!("cannot resolve: {e}"))?
@@ -146,7 +231,6 @@ fn dial(peer: &str, id: &LinkIdentity) -> Result<TcpStream, String> {
         .ok_or_else(|| "address resolves to nothing".to_string())?;
     let mut stream =
         TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
-    prepare(&stream).map_err(|e| e.to_string())?;
-    client_handshake(&mut stream, id).map_err(|e| e.to_string())?;
-    finish(stream).map_err(|e| e.to_string())
+    let tls = establish(&mut stream, id, tls, true)?;
+    finish(stream).map(|s| (s, tls)).map_err(|e| e.to_string())
 }

@@ -15,6 +15,7 @@ use anyhow::Context;
 use blkrep_common::config::{Config, Frontend, NbdListen, UBLK_CONTROL};
 use blkrep_engine::{Role, Volume, VolumeConfig};
 use blkrep_transport::handshake::LinkIdentity;
+use blkrep_transport::tls::{TlsFiles, TlsSetup};
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
@@ -49,8 +50,35 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
     let ctl_path = cfg.control_socket(node);
     let ctl = control::bind(&ctl_path)
         .with_context(|| format!("control socket {}", ctl_path.display()))?;
-    let link_listener = TcpListener::bind(&me.address)
-        .with_context(|| format!("replication address {} (node.address)", me.address))?;
+    let listen = cfg.listen_address(me);
+    let link_listener = TcpListener::bind(&listen).with_context(|| {
+        format!(
+            "replication address {listen} (node.{})",
+            if me.listen.is_some() {
+                "listen"
+            } else {
+                "address"
+            }
+        )
+    })?;
+    let tls = match (&me.tls, &peer.tls) {
+        (Some(mine), Some(theirs)) => Some(Arc::new(
+            TlsSetup::load(&TlsFiles {
+                cert: &mine.cert,
+                key: &mine.key,
+                own: mine.fingerprint,
+                peer: theirs.fingerprint,
+            })
+            .context("TLS identity of this node (node.key, node.cert, node.fingerprint)")?,
+        )),
+        _ => {
+            tracing::warn!(
+                "INSECURE: the replication link is plaintext and unauthenticated \
+                 (resource.insecure = true); anyone who can reach {listen} can feed this node"
+            );
+            None
+        }
+    };
     let metrics_listener = match me.metrics {
         Some(a) => Some(
             crate::metrics::bind(a)
@@ -89,16 +117,17 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         local_node: node.to_string(),
         peer_node: peer.name.clone(),
     };
-    link::spawn_listener(link_listener, id.clone(), link_tx.clone(), waker.clone());
+    let last_link_error: link::LastLinkError = Default::default();
+    let ctx = link::LinkCtx {
+        id,
+        tls: tls.clone(),
+        tx: link_tx,
+        waker: waker.clone(),
+        last_error: last_link_error.clone(),
+    };
+    link::spawn_listener(link_listener, ctx.clone());
     if node < peer.name.as_str() {
-        link::spawn_connector(
-            peer.address.clone(),
-            id,
-            linked.clone(),
-            stop.clone(),
-            link_tx,
-            waker.clone(),
-        );
+        link::spawn_connector(peer.address.clone(), ctx, linked.clone(), stop.clone());
     }
     let export_uri = match (&nbd_bound, &ublk_setup) {
         (Some((_, uri)), _) => uri.clone(),
@@ -122,11 +151,14 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
     vcfg.checksum_full_sync = cfg.resource.checksum_full_sync;
     let vol = Volume::new(vcfg, meta);
     tracing::info!(
-        "serving {name}/{node}: {size} bytes, {:?} mode, export {export_uri}, replication on {} (peer {} at {})",
+        "serving {name}/{node}: {size} bytes, {:?} mode, export {export_uri}, replication on {listen} (peer {} at {}, {})",
         cfg.resource.mode,
-        me.address,
         peer.name,
-        peer.address
+        peer.address,
+        match &tls {
+            Some(t) => format!("TLS 1.3, peer pinned to {}", t.peer),
+            None => "PLAINTEXT".into(),
+        }
     );
     let shared = Shared {
         waker,
@@ -135,6 +167,7 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         ctl_rx,
         linked,
         read_only,
+        last_link_error,
     };
     let ident = Identity {
         resource: name.clone(),
@@ -142,6 +175,10 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         peer: peer.name.clone(),
         peer_address: peer.address.clone(),
         export: export_uri,
+        link_security: match &tls {
+            Some(t) => format!("tls (TLS 1.3, peer pinned to {})", t.peer),
+            None => "insecure".into(),
+        },
     };
     // The loop (its ring, the tag buffers, the char device) is gone once this returns.
     let r = Loop::new(vol, backing, meta_area, shared, ident, ublk).and_then(|l| l.run());

@@ -222,12 +222,6 @@ fn split_brain_moves_nothing_until_resolved() {
 }
 
 /// Add `line` to the config's `[resource]` section.
-fn resource_line(p: &Pair, line: &str) {
-    let text = std::fs::read_to_string(&p.config).unwrap();
-    let text = text.replacen("[resource]\n", &format!("[resource]\n{line}\n"), 1);
-    std::fs::write(&p.config, text).unwrap();
-}
-
 /// Wait until node `i` has started more than `before` resyncs; the newest one's bytes.
 fn wait_new_resync(p: &Pair, i: usize, before: usize) -> u64 {
     let t0 = Instant::now();
@@ -275,7 +269,7 @@ fn interrupted_resync_resumes_where_it_was() {
     kill9(&p, 0);
     // 4 MiB/s from now on: the 24 MiB resync below takes six seconds, time to interrupt it
     // twice (the survivor restarts to read the setting).
-    resource_line(&p, "resync_rate = \"4M\"");
+    p.resource_line("resync_rate = \"4M\"");
     p.ok(1, &["down"]);
     p.ok(1, &["up"]);
     p.ok(1, &["promote", "--force"]);
@@ -527,7 +521,7 @@ fn checksum_full_sync_moves_only_what_differs() {
     use std::io::Write;
     const SIZE: u64 = 1 << 30;
     let p = Pair::new("checksum", "async", SIZE);
-    resource_line(&p, "full_sync = \"checksum\"");
+    p.resource_line("full_sync = \"checksum\"");
     // Same pseudo-random content on both backings.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut chunk = vec![0u8; MIB as usize];

@@ -1,6 +1,8 @@
 //! A pair of real daemons on loopback, driven through the real `blkrep` command.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -93,6 +95,32 @@ pub mod tempdir {
     }
 }
 
+/// `blkrep keygen --out PREFIX`: the TOML lines it prints for the node's section.
+pub fn keygen(prefix: &Path) -> String {
+    let out = Command::new(bin_dir().join("blkrep"))
+        .arg("keygen")
+        .arg("--out")
+        .arg(prefix)
+        .output()
+        .expect("run blkrep keygen");
+    assert!(
+        out.status.success(),
+        "keygen: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            ["key =", "cert =", "fingerprint ="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
+        .collect();
+    assert_eq!(lines.len(), 3, "keygen printed: {text}");
+    lines.join("\n") + "\n"
+}
+
 impl Pair {
     /// Write a config for two nodes with sparse backing files of `size` bytes.
     pub fn new(tag: &str, mode: &str, size: u64) -> Pair {
@@ -119,10 +147,11 @@ impl Pair {
                 .set_len(size)
                 .unwrap();
             toml += &format!(
-                "\n[[node]]\nname = \"{n}\"\naddress = \"{}\"\nbacking = \"{}\"\nmetadata = \"{}\"\n{}\n",
+                "\n[[node]]\nname = \"{n}\"\naddress = \"{}\"\nbacking = \"{}\"\nmetadata = \"{}\"\n{}{}\n",
                 addrs[i],
                 backing.display(),
                 d.join(format!("{n}.md")).display(),
+                keygen(&d.join(n)),
                 extra[i]
             );
         }
@@ -135,6 +164,29 @@ impl Pair {
             names,
             addrs,
         }
+    }
+
+    /// Route alpha's dialing through a fault-injecting proxy: beta listens on its own
+    /// port, and its configured address (the one alpha dials) becomes the proxy's.
+    pub fn insert_proxy(&self) -> proxy::Proxy {
+        let px = proxy::Proxy::start(&self.addrs[1]);
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let old = format!("address = \"{}\"\n", self.addrs[1]);
+        assert!(text.contains(&old));
+        let text = text.replacen(
+            &old,
+            &format!("address = \"{}\"\nlisten = \"{}\"\n", px.addr, self.addrs[1]),
+            1,
+        );
+        std::fs::write(&self.config, text).unwrap();
+        px
+    }
+
+    /// Add a line to the `[resource]` section of the configuration.
+    pub fn resource_line(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text.replacen("[resource]\n", &format!("[resource]\n{line}\n"), 1);
+        std::fs::write(&self.config, text).unwrap();
     }
 
     pub fn backing(&self, i: usize) -> PathBuf {
