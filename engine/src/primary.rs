@@ -331,6 +331,8 @@ impl Volume {
             let item = q.item.clone();
             self.ship_cursor = item.seq + 1;
             self.queue[i].sent = true;
+            self.shipped_items += 1;
+            self.shipped_bytes += item.payload_len();
             self.send(Msg::Item(item));
             i += 1;
         }

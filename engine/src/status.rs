@@ -94,6 +94,12 @@ pub struct EngineStatus {
     pub verify: Option<VerifyStatus>,
     /// Client writes completed since start.
     pub client_writes: u64,
+    /// Stream items sent to the peer, resends and resync data included.
+    #[serde(default)]
+    pub shipped_items: u64,
+    /// Their payload bytes (what a link cut costs to resend shows here).
+    #[serde(default)]
+    pub shipped_bytes: u64,
     /// Client reads completed since start.
     pub client_reads: u64,
     /// Bytes written by clients since start.

@@ -488,6 +488,9 @@ pub struct Volume {
 
     // ---- counters ----
     pub(crate) client_writes: u64,
+    /// Stream items sent to the peer (resends included) and their payload bytes.
+    pub(crate) shipped_items: u64,
+    pub(crate) shipped_bytes: u64,
     pub(crate) client_reads: u64,
     pub(crate) bytes_written: u64,
     pub(crate) bytes_read: u64,
@@ -580,6 +583,8 @@ impl Volume {
             final_checkpoint_done: false,
             stopped: false,
             client_writes: 0,
+            shipped_items: 0,
+            shipped_bytes: 0,
             client_reads: 0,
             bytes_written: 0,
             bytes_read: 0,
@@ -690,6 +695,8 @@ impl Volume {
             resync,
             verify: self.verify.as_ref().map(|v| v.status(self.now)),
             client_writes: self.client_writes,
+            shipped_items: self.shipped_items,
+            shipped_bytes: self.shipped_bytes,
             client_reads: self.client_reads,
             bytes_written: self.bytes_written,
             bytes_read: self.bytes_read,
