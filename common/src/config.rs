@@ -8,6 +8,7 @@
 //! mode = "sync"           # or "async"
 //! queue_limit = "64M"     # async ship queue bound (in memory for now)
 //! resync_rate = "100M"    # resync bandwidth limit, bytes per second (default: none)
+//! replication_rate = "50M" # write-stream bandwidth limit, bytes per second (default: none)
 //! full_sync = "copy"      # or "checksum": compare blake3 per 4 KiB block, copy what differs
 //! run_dir = "/run/blkrep" # control sockets, NBD sockets, logs
 //! frontend = "auto"       # "ublk", "nbd", or "auto": ublk when /dev/ublk-control exists
@@ -211,6 +212,7 @@ struct RawResource {
     mode: String,
     queue_limit: Option<Size>,
     resync_rate: Option<Size>,
+    replication_rate: Option<Size>,
     full_sync: Option<String>,
     run_dir: Option<PathBuf>,
     frontend: Option<String>,
@@ -249,6 +251,8 @@ pub struct Resource {
     pub queue_limit: u64,
     /// Resync bandwidth limit, bytes per second; 0 for none.
     pub resync_rate: u64,
+    /// Replication (write stream) bandwidth limit, bytes per second; 0 for none.
+    pub replication_rate: u64,
     /// A full sync compares checksums and copies only what differs (for two volumes that
     /// already hold mostly the same data) instead of copying everything.
     pub checksum_full_sync: bool,
@@ -364,13 +368,15 @@ impl Config {
                 format!("{queue_limit} bytes is below the minimum of {MIN_QUEUE_LIMIT}"),
             ));
         }
-        let resync_rate = r.resync_rate.map_or(0, |s| s.0);
-        if resync_rate != 0 && resync_rate < 1 << 20 {
-            return Err(invalid(
-                "resource.resync_rate".into(),
-                format!("{resync_rate} bytes per second is below the minimum of 1M"),
-            ));
-        }
+        let rate = |v: Option<Size>, field: &str| match v.map_or(0, |s| s.0) {
+            r if r != 0 && r < 1 << 20 => Err(invalid(
+                format!("resource.{field}"),
+                format!("{r} bytes per second is below the minimum of 1M"),
+            )),
+            r => Ok(r),
+        };
+        let resync_rate = rate(r.resync_rate, "resync_rate")?;
+        let replication_rate = rate(r.replication_rate, "replication_rate")?;
         let checksum_full_sync = match r.full_sync.as_deref() {
             None | Some("copy") => false,
             Some("checksum") => true,
@@ -520,6 +526,7 @@ impl Config {
                 mode,
                 queue_limit,
                 resync_rate,
+                replication_rate,
                 checksum_full_sync,
                 run_dir,
                 frontend,

@@ -21,6 +21,7 @@ pub mod meta;
 pub mod plan;
 mod primary;
 pub mod ranges;
+mod rate;
 mod roles;
 mod secondary;
 pub mod status;

@@ -9,6 +9,7 @@ use crate::bugs::{self, Bug};
 use crate::generations::Relation;
 use crate::msg::{ItemKind, Msg, StreamItem};
 use crate::ranges::overlap;
+use crate::rate::TokenBucket;
 use crate::types::*;
 use crate::volume::*;
 use bytes::Bytes;
@@ -328,6 +329,12 @@ impl Volume {
             if !covered {
                 break;
             }
+            // The replication rate limit applies to the write stream; resync reads have
+            // their own, verify hashes are small.
+            let limited = !q.item.resync && !matches!(q.item.kind, ItemKind::Verify { .. });
+            if limited && !self.ship_bucket.take(self.now, q.item.payload_len()) {
+                break;
+            }
             let item = q.item.clone();
             self.ship_cursor = item.seq + 1;
             self.queue[i].sent = true;
@@ -522,29 +529,13 @@ impl Volume {
         }
     }
 
-    /// Take `len` bytes from the resync rate limit's budget (a token bucket holding at
-    /// most a tenth of a second's worth, or one chunk).
+    /// Take `len` bytes from the resync rate limit (a bucket holding at most a tenth of
+    /// a second's worth, or one chunk).
     fn resync_budget(&mut self, len: u64) -> bool {
-        let rate = self.cfg.resync_rate;
-        if rate == 0 {
-            return true;
-        }
-        let cap = (rate / 10).max(self.cfg.resync_chunk);
         let now = self.now;
-        let Some(r) = self.resync.as_mut() else {
-            return false;
-        };
-        let elapsed = now.saturating_sub(r.budget_ns);
-        let earned = (rate as u128 * elapsed as u128 / 1_000_000_000) as u64;
-        if earned > 0 {
-            r.budget = (r.budget + earned).min(cap);
-            r.budget_ns = now;
-        }
-        if r.budget < len {
-            return false;
-        }
-        r.budget -= len;
-        true
+        self.resync
+            .as_mut()
+            .is_some_and(|r| r.bucket.take(now, len))
     }
 
     pub(crate) fn resync_read_done(
@@ -704,8 +695,11 @@ impl Volume {
             done_seq: None,
             done_sent: false,
             checksum,
-            budget: 0,
-            budget_ns: self.now,
+            bucket: TokenBucket::new(
+                self.cfg.resync_rate,
+                (self.cfg.resync_rate / 10).max(self.cfg.resync_chunk),
+                self.now,
+            ),
         });
         self.resync_bytes_done = 0;
         self.conn_state = ConnState::SyncSource;

@@ -303,6 +303,7 @@ impl Volume {
         }
         self.applier.pending.clear();
         self.applier.resync_generation = generation;
+        self.note_peer_generation(generation);
         self.applier.done_above.clear();
         self.applier.resync_done_seq = None;
         self.applied = base;
@@ -322,10 +323,32 @@ impl Volume {
         );
     }
 
+    /// The primary's generation as its resync messages give it: newer than its last hello
+    /// when it started a generation between the hello and the resync (a write while
+    /// disconnected). Without this, the relation computed after the resync would be
+    /// against the stale one, and this node would stop acknowledging (sim seed 268).
+    fn note_peer_generation(&mut self, generation: u64) {
+        for p in [self.peer.as_mut(), self.last_peer.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if p.generation != generation && generation != 0 {
+                if p.generation != 0 {
+                    let old = p.generation;
+                    p.history.retain(|&g| g != old);
+                    p.history.insert(0, old);
+                    p.history.truncate(crate::meta::MAX_HISTORY);
+                }
+                p.generation = generation;
+            }
+        }
+    }
+
     pub(crate) fn on_resync_done(&mut self, seq: Seq, generation: u64) {
         if self.role == Role::Primary {
             return;
         }
+        self.note_peer_generation(generation);
         self.applier.resync_done_seq = Some(seq);
         self.applier.resync_generation = generation;
         // Answer even if the position did not move: an empty resync ends with this ack.

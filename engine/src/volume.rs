@@ -16,6 +16,7 @@ use crate::meta::{
 };
 use crate::msg::{Hello, Msg, StreamItem, ENGINE_PROTOCOL_VERSION};
 use crate::ranges::RangeSet;
+use crate::rate::TokenBucket;
 use crate::roles::PendingPromote;
 use crate::status::{EngineStatus, ResyncStatus};
 use crate::types::*;
@@ -43,6 +44,10 @@ pub struct VolumeConfig {
     pub resync_depth: usize,
     /// Resync bandwidth limit, bytes per second (0: none).
     pub resync_rate: u64,
+    /// Replication bandwidth limit for the write stream, bytes per second (0: none).
+    /// Async mode buffers the excess in the ship queue (then the dirty set); sync-mode
+    /// writes wait for it.
+    pub replication_rate: u64,
     /// A full sync compares blake3 per block first and copies only the blocks that differ.
     pub checksum_full_sync: bool,
     /// The secondary checkpoints (fsync + metadata) after this many unpersisted bytes...
@@ -73,6 +78,7 @@ impl VolumeConfig {
             resync_chunk: 256 << 10,
             resync_depth: 8,
             resync_rate: 0,
+            replication_rate: 0,
             checksum_full_sync: false,
             checkpoint_bytes: 8 << 20,
             checkpoint_interval_ns: 1_000_000_000,
@@ -340,9 +346,8 @@ pub(crate) struct Resync {
     /// A checksum pass (an internal verify with repair) feeds this resync's dirty set;
     /// the resync is complete only once the pass is.
     pub checksum: bool,
-    /// Rate limit: bytes that may be read now, and when that was computed.
-    pub budget: u64,
-    pub budget_ns: u64,
+    /// Rate limit of the resync reads.
+    pub(crate) bucket: TokenBucket,
 }
 
 /// What the secondary's applier is doing.
@@ -491,6 +496,8 @@ pub struct Volume {
     /// Stream items sent to the peer (resends included) and their payload bytes.
     pub(crate) shipped_items: u64,
     pub(crate) shipped_bytes: u64,
+    /// The replication rate limit.
+    pub(crate) ship_bucket: TokenBucket,
     pub(crate) client_reads: u64,
     pub(crate) bytes_written: u64,
     pub(crate) bytes_read: u64,
@@ -501,6 +508,11 @@ impl Volume {
     /// A volume starting from its persisted metadata. It always starts as Secondary; an
     /// operator (or a later auto-promote policy) promotes it.
     pub fn new(cfg: VolumeConfig, meta: Metadata) -> Volume {
+        let ship_bucket = TokenBucket::new(
+            cfg.replication_rate,
+            (cfg.replication_rate / 10).max(1 << 20),
+            0,
+        );
         let crashed_primary =
             meta.has(FLAG_CRASHED_PRIMARY) || meta.role == Role::Primary && !meta.has(FLAG_CLEAN);
         let mut disk_state = meta.disk_state;
@@ -585,6 +597,7 @@ impl Volume {
             client_writes: 0,
             shipped_items: 0,
             shipped_bytes: 0,
+            ship_bucket,
             client_reads: 0,
             bytes_written: 0,
             bytes_read: 0,
@@ -893,8 +906,13 @@ impl Volume {
                             self.dirty_persisted_gen = gen;
                         }
                         self.last_meta_ns = self.now;
-                        if disk_state == DiskState::Inconsistent {
-                            // The data may be overwritten now (see `on_resync_start`).
+                        if disk_state == DiskState::Inconsistent
+                            || self.disk_state != DiskState::Inconsistent
+                        {
+                            // The data may be overwritten now (see `on_resync_start`). A
+                            // resync that ended before its Inconsistent state reached the
+                            // metadata applied nothing: any later write releases the hold
+                            // (without this the applier waited forever; sim seed 358).
                             self.applier.hold_for_meta = false;
                         }
                         self.meta_written(applied)

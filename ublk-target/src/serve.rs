@@ -148,6 +148,7 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
     let mut vcfg = VolumeConfig::new(node, name, size, cfg.resource.mode);
     vcfg.queue_limit = cfg.resource.queue_limit;
     vcfg.resync_rate = cfg.resource.resync_rate;
+    vcfg.replication_rate = cfg.resource.replication_rate;
     vcfg.checksum_full_sync = cfg.resource.checksum_full_sync;
     let vol = Volume::new(vcfg, meta);
     tracing::info!(

@@ -123,7 +123,11 @@ fn config_with_new_key(p: &Pair, i: usize) -> std::path::PathBuf {
     let sec = &mut parts[i + 1];
     let kept: Vec<&str> = sec
         .lines()
-        .filter(|l| !["key =", "cert =", "fingerprint ="].iter().any(|k| l.starts_with(k)))
+        .filter(|l| {
+            !["key =", "cert =", "fingerprint ="]
+                .iter()
+                .any(|k| l.starts_with(k))
+        })
         .collect();
     *sec = kept.join("\n") + "\n" + &lines;
     let path = p.dir.path().join(format!("r0-{}-newkey.toml", p.names[i]));
@@ -201,7 +205,10 @@ fn tampered_truncated_and_reset_streams_are_dropped_and_the_pair_recovers() {
     // One flipped bit in the middle of the replication stream.
     px.corrupt_after(300_000);
     p.qemu_io_ok(0, &["write -P 0x11 0 8M", "flush"]);
-    assert!(px.fault_done(), "the stream never reached the corrupted offset");
+    assert!(
+        px.fault_done(),
+        "the stream never reached the corrupted offset"
+    );
     wait_log(&p, 1, &["TLS error", "none of it was applied"]);
     p.wait_in_sync(0);
     assert!(connects(&p) > c0, "the link was not re-established");

@@ -320,6 +320,11 @@ impl World {
         // Small activity-log extents, so that resyncs of part of the volume happen.
         v.al_extent = 16 << 10;
         v.checksum_full_sync = self.cfg.seed.is_multiple_of(2);
+        // Bandwidth limits on a third of the seeds: items wait in the queue for budget.
+        if self.cfg.seed % 3 == 1 {
+            v.replication_rate = 16 << 20;
+            v.resync_rate = 8 << 20;
+        }
         v
     }
 

@@ -175,7 +175,10 @@ impl Pair {
         assert!(text.contains(&old));
         let text = text.replacen(
             &old,
-            &format!("address = \"{}\"\nlisten = \"{}\"\n", px.addr, self.addrs[1]),
+            &format!(
+                "address = \"{}\"\nlisten = \"{}\"\n",
+                px.addr, self.addrs[1]
+            ),
             1,
         );
         std::fs::write(&self.config, text).unwrap();
