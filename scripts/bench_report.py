@@ -8,14 +8,17 @@ import statistics
 import sys
 
 out, rounds, runtime, size, replica = sys.argv[1:6]
+KNOWN = ["raw", "nbdkit", "qemu-nbd", "async", "sync", "async-plain", "sync-plain"]
 res = {}
 for f in glob.glob(os.path.join(out, "*.json")):
     r, rest = os.path.basename(f)[:-5].split("-", 1)
-    job, contender = rest.rsplit("-", 1) if not rest.endswith("qemu-nbd") else (rest[: -len("-qemu-nbd")], "qemu-nbd")
+    contender = next(c for c in sorted(KNOWN, key=len, reverse=True) if rest.endswith("-" + c))
+    job = rest[: -len(contender) - 1]
     w = json.load(open(f))["jobs"][0]["write"]
     p = w["clat_ns"].get("percentile", {})
     res.setdefault(job, {}).setdefault(contender, []).append(
         {
+            "round": int(r),
             "iops": w["iops"],
             "mibs": w["bw_bytes"] / 2**20,
             "p50": p.get("50.000000", 0) / 1000,
@@ -23,7 +26,7 @@ for f in glob.glob(os.path.join(out, "*.json")):
         }
     )
 
-order = ["raw", "nbdkit", "qemu-nbd", "async", "sync"]
+order = KNOWN
 print(f"# fio results: {rounds} rounds x {runtime} s per job, {size} preconditioned file, replica in {replica}\n")
 for job in sorted(res):
     unit = "mibs" if job.startswith("1m") else "iops"
@@ -43,4 +46,15 @@ for job in sorted(res):
         print(
             f"| {c} | {med[c]:.0f} ({min(v):.0f}–{max(v):.0f}) | {p50:.0f} | {p99:.0f} | {xr} | {xn} |"
         )
+    print()
+    # Same-round ratios of A to B (interleaved in one run): median and spread.
+    for a, b in [("async", "async-plain"), ("sync", "sync-plain")]:
+        if a in res[job] and b in res[job]:
+            rb = {x["round"]: x[unit] for x in res[job][b]}
+            ratios = sorted(x[unit] / rb[x["round"]] for x in res[job][a] if rb.get(x["round"]))
+            if ratios:
+                print(
+                    f"- {a} (TLS) / {b}: {statistics.median(ratios):.3f} "
+                    f"(per round {min(ratios):.3f}–{max(ratios):.3f}, {len(ratios)} rounds)"
+                )
     print()

@@ -4,7 +4,7 @@
 //!  0  magic        4  "BRFM"
 //!  4  version      2  WIRE_VERSION
 //!  6  kind         1  message kind (KIND_*)
-//!  7  flags        1  0 (reserved)
+//!  7  flags        1  FLAG_LINK_AUTHENTICATED or 0
 //!  8  body_len     4  bytes of body (<= MAX_BODY)
 //! 12  payload_len  4  bytes of payload (<= MAX_PAYLOAD; write items only)
 //! 16  body         body_len bytes, little endian fields per kind
@@ -14,6 +14,9 @@
 //!
 //! A write item's body carries the blake3 of its data, so the checksum protects the
 //! payload too: the decoder recomputes the data hash and refuses the frame on a mismatch.
+//! On a TLS link the record layer authenticates every byte already (AEAD), so the sender
+//! may leave the data hash out (zeros) and set `FLAG_LINK_AUTHENTICATED`; a decoder for a
+//! plaintext link refuses such frames. The header and body checksum stays on both.
 //! Payloads are referenced, not copied, on the send side ([`encode`] returns them apart
 //! from the header so the event loop can hand both to one `sendmsg`).
 
@@ -26,7 +29,10 @@ use bytes::Bytes;
 /// Frame magic.
 pub const FRAME_MAGIC: [u8; 4] = *b"BRFM";
 /// Version of the frame format; the link handshake makes sure both sides speak it.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
+/// Frame flag: the payload's integrity rests on the link's authenticated encryption (the
+/// data hash in the body is zero and not checked).
+pub const FLAG_LINK_AUTHENTICATED: u8 = 1;
 /// Frame header size.
 pub const HEADER: usize = 16;
 /// Frame checksum size.
@@ -60,6 +66,13 @@ const MAX_VERIFY_ENTRIES: usize = 1024;
 /// Append the frame for `msg` (header, body, checksum) to `out`; returns the payload to
 /// send right after it, if any.
 pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
+    encode_for(msg, out, false)
+}
+
+/// [`encode`], for a link whose records are authenticated (TLS): write items carry no data
+/// hash, saving a blake3 pass over the data on each side.
+pub fn encode_for(msg: &Msg, out: &mut Vec<u8>, link_authenticated: bool) -> Option<Bytes> {
+    let mut flags = 0;
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER]);
     let mut w = Writer(out);
@@ -98,7 +111,12 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
                     w.u8(*fua as u8);
                     w.u64(*offset);
                     w.u64(data.len() as u64);
-                    w.bytes(blake3::hash(data).as_bytes());
+                    if link_authenticated {
+                        flags |= FLAG_LINK_AUTHENTICATED;
+                        w.bytes(&[0u8; 32]);
+                    } else {
+                        w.bytes(blake3::hash(data).as_bytes());
+                    }
                     Some(data.clone())
                 }
                 ItemKind::WriteZeroes { offset, len, fua } => {
@@ -204,7 +222,7 @@ pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
     h[0..4].copy_from_slice(&FRAME_MAGIC);
     h[4..6].copy_from_slice(&WIRE_VERSION.to_le_bytes());
     h[6] = kind;
-    h[7] = 0;
+    h[7] = flags;
     h[8..12].copy_from_slice(&(body_len as u32).to_le_bytes());
     h[12..16].copy_from_slice(&(payload_len as u32).to_le_bytes());
     let sum = blake3::hash(&out[start..]);
@@ -239,6 +257,9 @@ pub enum FrameError {
     /// A write item's data does not match the blake3 in its body.
     #[error("data checksum mismatch in write item {seq}")]
     DataChecksum { seq: u64 },
+    /// A frame without its data hash on a link that does not authenticate its records.
+    #[error("frame flags {0:#04x} not allowed on this link (no data hash on a plaintext link?)")]
+    Flags(u8),
     /// Unknown message kind.
     #[error("unknown message kind {0}")]
     Kind(u8),
@@ -257,12 +278,22 @@ pub struct Decoder {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    link_authenticated: bool,
 }
 
 impl Decoder {
-    /// An empty decoder.
+    /// An empty decoder for a plaintext link (every data hash is checked).
     pub fn new() -> Decoder {
         Decoder::default()
+    }
+
+    /// An empty decoder for a link whose records are authenticated (TLS): it accepts
+    /// frames without a data hash.
+    pub fn for_authenticated_link() -> Decoder {
+        Decoder {
+            link_authenticated: true,
+            ..Decoder::default()
+        }
     }
 
     /// At least `min` writable bytes at the end of the buffer, for the next receive. The
@@ -319,7 +350,7 @@ impl Decoder {
             }
             return Ok(None);
         }
-        let (msg, used) = match decode_frame(b)? {
+        let (msg, used) = match decode_frame_for(b, self.link_authenticated)? {
             Some(x) => x,
             None => return Ok(None),
         };
@@ -335,6 +366,14 @@ impl Decoder {
 /// Decode one frame from the front of `b`: the message and the bytes it used, or `None`
 /// when `b` does not hold the whole frame yet.
 pub fn decode_frame(b: &[u8]) -> Result<Option<(Msg, usize)>, FrameError> {
+    decode_frame_for(b, false)
+}
+
+/// [`decode_frame`], accepting frames without a data hash when `link_authenticated`.
+pub fn decode_frame_for(
+    b: &[u8],
+    link_authenticated: bool,
+) -> Result<Option<(Msg, usize)>, FrameError> {
     if b.len() < HEADER {
         return Ok(None);
     }
@@ -347,6 +386,15 @@ pub fn decode_frame(b: &[u8]) -> Result<Option<(Msg, usize)>, FrameError> {
         return Err(FrameError::Version(version));
     }
     let kind = b[6];
+    let flags = b[7];
+    let allowed = if link_authenticated {
+        FLAG_LINK_AUTHENTICATED
+    } else {
+        0
+    };
+    if flags & !allowed != 0 {
+        return Err(FrameError::Flags(flags));
+    }
     let body_len = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes")) as usize;
     let payload_len = u32::from_le_bytes(b[12..16].try_into().expect("4 bytes")) as usize;
     if body_len > MAX_BODY || payload_len > MAX_PAYLOAD {
@@ -365,11 +413,11 @@ pub fn decode_frame(b: &[u8]) -> Result<Option<(Msg, usize)>, FrameError> {
     }
     let body = &b[HEADER..sum_at];
     let payload = &b[sum_at + SUM..total];
-    let msg = decode_body(kind, body, payload)?;
+    let msg = decode_body(kind, body, payload, flags & FLAG_LINK_AUTHENTICATED != 0)?;
     Ok(Some((msg, total)))
 }
 
-fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError> {
+fn decode_body(kind: u8, body: &[u8], payload: &[u8], unhashed: bool) -> Result<Msg, FrameError> {
     let name = match kind {
         KIND_HELLO => "hello",
         KIND_ITEM => "item",
@@ -441,7 +489,7 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8]) -> Result<Msg, FrameError>
                         if payload.len() as u64 != len {
                             return Err(WireError::Invalid("write length differs from payload"));
                         }
-                        if blake3::hash(payload).as_bytes() != &hash {
+                        if !unhashed && blake3::hash(payload).as_bytes() != &hash {
                             return Ok(Err(FrameError::DataChecksum { seq }));
                         }
                         // Copied into aligned memory: the applier writes it with O_DIRECT.
@@ -692,5 +740,43 @@ mod tests {
             decode_frame(&f).unwrap_err(),
             FrameError::TooLarge { .. }
         ));
+    }
+
+    #[test]
+    fn unhashed_frames_only_on_an_authenticated_link() {
+        let msg = Msg::Item(StreamItem {
+            seq: 3,
+            dep: 2,
+            resync: false,
+            kind: ItemKind::Write {
+                offset: 0,
+                data: Bytes::from(vec![0x5c; 4096]),
+                fua: false,
+            },
+        });
+        let mut f = Vec::new();
+        let data = encode_for(&msg, &mut f, true).unwrap();
+        assert_eq!(f[7], FLAG_LINK_AUTHENTICATED);
+        f.extend_from_slice(&data);
+        // A TLS link's decoder takes it, with the data intact.
+        let (got, used) = decode_frame_for(&f, true).unwrap().unwrap();
+        assert_eq!(used, f.len());
+        assert_eq!(got, msg);
+        // A plaintext link's decoder refuses it: there the hash is the only protection.
+        assert_eq!(decode_frame(&f).unwrap_err(), FrameError::Flags(1));
+        let mut d = Decoder::new();
+        d.spare(f.len())[..f.len()].copy_from_slice(&f);
+        d.filled(f.len());
+        assert_eq!(d.next().unwrap_err(), FrameError::Flags(1));
+        // Unknown flags are refused on either link.
+        let mut g = encode_to_vec(&Msg::Ping { nonce: 1 });
+        g[7] = 0x80;
+        assert_eq!(
+            decode_frame_for(&g, true).unwrap_err(),
+            FrameError::Flags(0x80)
+        );
+        // A hashed frame is good on both.
+        let h = encode_to_vec(&msg);
+        assert_eq!(decode_frame_for(&h, true).unwrap().unwrap().0, msg);
     }
 }

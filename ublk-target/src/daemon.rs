@@ -384,7 +384,7 @@ impl Loop {
                     .find(|l| l.gen == conn && l.closing.is_none())
                 {
                     self.scratch.clear();
-                    let data = codec::encode(&msg, &mut self.scratch);
+                    let data = codec::encode_for(&msg, &mut self.scratch, l.tls.is_some());
                     match l.tls.as_deref_mut() {
                         None => {
                             l.sendq.push_copy(&self.scratch);
@@ -542,7 +542,11 @@ impl Loop {
         self.links.push(Link {
             fd: OwnedFd::from(l.stream),
             gen,
-            decoder: Decoder::new(),
+            decoder: if has_tls {
+                Decoder::for_authenticated_link()
+            } else {
+                Decoder::new()
+            },
             tls: l.tls.map(Box::new),
             cipher: if has_tls {
                 vec![0; LINK_RECV]
