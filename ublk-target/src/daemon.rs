@@ -135,6 +135,10 @@ struct Link {
     /// TLS session and its receive buffer for ciphertext (None: an insecure link).
     tls: Option<Box<rustls::Connection>>,
     cipher: Vec<u8>,
+    /// TLS: frames waiting to be encrypted. They are encrypted only as the socket takes
+    /// the ciphertext (see `tls_fill`), so a backlog resent after an outage does not
+    /// stall the loop while all of it is encrypted at once.
+    plain: std::collections::VecDeque<bytes::Bytes>,
     recv_posted: bool,
     sendq: SendQueue,
     /// Closing: no more input is taken; what is queued (a goodbye) is still sent, until
@@ -233,7 +237,10 @@ impl Loop {
             if self.vol.is_stopped() {
                 // Give the goodbye a moment to leave, but never hang on a stalled peer.
                 let t = *stopped_at.get_or_insert_with(Instant::now);
-                let quiet = self.links.iter().all(|l| l.sendq.is_empty())
+                let quiet = self
+                    .links
+                    .iter()
+                    .all(|l| l.sendq.is_empty() && l.plain.is_empty())
                     && self.ublk.as_ref().is_none_or(|u| u.quiet());
                 if quiet || t.elapsed() > LINK_LINGER {
                     break;
@@ -392,15 +399,12 @@ impl Loop {
                                 l.sendq.push_shared(d);
                             }
                         }
-                        Some(conn) => {
-                            // Buffers are unlimited (set after the handshake): these
-                            // writes take everything.
-                            let mut w = conn.writer();
-                            let _ = w.write_all(&self.scratch);
+                        Some(_) => {
+                            l.plain
+                                .push_back(bytes::Bytes::copy_from_slice(&self.scratch));
                             if let Some(d) = data {
-                                let _ = w.write_all(&d);
+                                l.plain.push_back(d);
                             }
-                            tls_out(conn, &mut l.sendq);
                         }
                     }
                 }
@@ -548,6 +552,7 @@ impl Loop {
                 Decoder::new()
             },
             tls: l.tls.map(Box::new),
+            plain: Default::default(),
             cipher: if has_tls {
                 vec![0; LINK_RECV]
             } else {
@@ -757,6 +762,10 @@ impl Loop {
             if l.closing.is_none() {
                 l.closing = Some(Instant::now());
                 if let Some(conn) = l.tls.as_deref_mut() {
+                    // What is queued (a goodbye with the reason) goes before the close.
+                    for d in l.plain.drain(..) {
+                        let _ = conn.writer().write_all(&d);
+                    }
                     conn.send_close_notify();
                     tls_out(conn, &mut l.sendq);
                 }
@@ -842,6 +851,9 @@ impl Loop {
         }
         for i in 0..self.links.len() {
             let l = &mut self.links[i];
+            if !l.sendq.busy() && !l.shut && l.closing.is_none() {
+                tls_fill(l);
+            }
             if l.sendq.busy() || l.sendq.is_empty() || l.shut {
                 continue;
             }
@@ -868,6 +880,24 @@ impl Loop {
             );
         }
     }
+}
+
+/// Ciphertext kept ready ahead of the socket on a TLS link.
+const TLS_AHEAD: usize = 1 << 20;
+
+/// Encrypt queued frames until about `TLS_AHEAD` bytes of ciphertext wait to be sent.
+fn tls_fill(l: &mut Link) {
+    let Some(conn) = l.tls.as_deref_mut() else {
+        return;
+    };
+    let mut n = 0;
+    while l.sendq.len() + n < TLS_AHEAD {
+        let Some(d) = l.plain.pop_front() else { break };
+        // Buffers are unlimited (set after the handshake): the write takes everything.
+        let _ = conn.writer().write_all(&d);
+        n += d.len();
+    }
+    tls_out(conn, &mut l.sendq);
 }
 
 /// Move the TLS session's pending ciphertext into the link's send queue.
