@@ -9,6 +9,7 @@
 //! queue_limit = "64M"     # async ship queue bound (in memory for now)
 //! resync_rate = "100M"    # resync bandwidth limit, bytes per second (default: none)
 //! replication_rate = "50M" # write-stream bandwidth limit, bytes per second (default: none)
+//! compression = "lz4"     # compress shipped writes ("none", the default, or "lz4")
 //! full_sync = "copy"      # or "checksum": compare blake3 per 4 KiB block, copy what differs
 //! run_dir = "/run/blkrep" # control sockets, NBD sockets, logs
 //! frontend = "auto"       # "ublk", "nbd", or "auto": ublk when /dev/ublk-control exists
@@ -213,6 +214,7 @@ struct RawResource {
     queue_limit: Option<Size>,
     resync_rate: Option<Size>,
     replication_rate: Option<Size>,
+    compression: Option<String>,
     full_sync: Option<String>,
     run_dir: Option<PathBuf>,
     frontend: Option<String>,
@@ -253,6 +255,8 @@ pub struct Resource {
     pub resync_rate: u64,
     /// Replication (write stream) bandwidth limit, bytes per second; 0 for none.
     pub replication_rate: u64,
+    /// Compress shipped write payloads with LZ4 (`compression = "lz4"`).
+    pub compress: bool,
     /// A full sync compares checksums and copies only what differs (for two volumes that
     /// already hold mostly the same data) instead of copying everything.
     pub checksum_full_sync: bool,
@@ -377,6 +381,16 @@ impl Config {
         };
         let resync_rate = rate(r.resync_rate, "resync_rate")?;
         let replication_rate = rate(r.replication_rate, "replication_rate")?;
+        let compress = match r.compression.as_deref() {
+            None | Some("none") => false,
+            Some("lz4") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "resource.compression".into(),
+                    format!("{other:?} is not a compression (use \"none\" or \"lz4\")"),
+                ))
+            }
+        };
         let checksum_full_sync = match r.full_sync.as_deref() {
             None | Some("copy") => false,
             Some("checksum") => true,
@@ -527,6 +541,7 @@ impl Config {
                 queue_limit,
                 resync_rate,
                 replication_rate,
+                compress,
                 checksum_full_sync,
                 run_dir,
                 frontend,
@@ -798,6 +813,21 @@ fingerprint = "sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd
         );
         let c = parse(&listen).unwrap();
         assert_eq!(c.listen_address(c.node("beta").unwrap()), "0.0.0.0:7002");
+    }
+
+    #[test]
+    fn compression_values() {
+        let with = |v: &str| {
+            GOOD.replace(
+                "mode = \"async\"",
+                &format!("mode = \"async\"\ncompression = \"{v}\""),
+            )
+        };
+        let e = err(&with("zstd"));
+        assert!(e.contains("resource.compression"), "{e}");
+        assert!(parse(&with("lz4")).unwrap().resource.compress);
+        assert!(!parse(&with("none")).unwrap().resource.compress);
+        assert!(!parse(GOOD).unwrap().resource.compress);
     }
 
     #[test]

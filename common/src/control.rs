@@ -119,6 +119,9 @@ pub struct DaemonStatus {
     /// unauthenticated: `resource.insecure = true`).
     #[serde(default)]
     pub link_security: String,
+    /// Bytes this node sent on replication links, as they left (compressed, encrypted).
+    #[serde(default)]
+    pub link_bytes_sent: u64,
     /// The last failed link attempt (a refused connection, an unreachable peer).
     #[serde(default)]
     pub link_last_error: Option<LinkError>,

@@ -62,6 +62,8 @@ pub struct Identity {
     pub export: String,
     /// `"tls (...)"` or `"insecure"`.
     pub link_security: String,
+    /// Compress shipped write payloads (LZ4).
+    pub compress: bool,
 }
 
 const RING_ENTRIES: u32 = 1024;
@@ -178,6 +180,8 @@ pub struct Loop {
     evbuf: Box<u64>,
     timer: Box<types::Timespec>,
     started: Instant,
+    /// Bytes sent on replication links (after compression and encryption).
+    link_bytes_sent: u64,
     last_tick_ns: u64,
     outs: Vec<Output>,
     scratch: Vec<u8>,
@@ -217,6 +221,7 @@ impl Loop {
             evbuf: Box::new(0),
             timer: Box::new(types::Timespec::new().nsec(TICK_NS)),
             started: Instant::now(),
+            link_bytes_sent: 0,
             last_tick_ns: 0,
             outs: Vec::new(),
             scratch: Vec::new(),
@@ -391,7 +396,11 @@ impl Loop {
                     .find(|l| l.gen == conn && l.closing.is_none())
                 {
                     self.scratch.clear();
-                    let data = codec::encode_for(&msg, &mut self.scratch, l.tls.is_some());
+                    let opts = codec::EncodeOpts {
+                        link_authenticated: l.tls.is_some(),
+                        compress: self.id.compress,
+                    };
+                    let data = codec::encode_with(&msg, &mut self.scratch, opts);
                     match l.tls.as_deref_mut() {
                         None => {
                             l.sendq.push_copy(&self.scratch);
@@ -511,6 +520,7 @@ impl Loop {
             device_state: self.ublk.as_ref().map(|u| u.state().to_string()),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             link_security: self.id.link_security.clone(),
+            link_bytes_sent: self.link_bytes_sent,
             link_last_error: self
                 .shared
                 .last_link_error
@@ -752,6 +762,7 @@ impl Loop {
             }
         } else {
             l.sendq.complete(res as usize);
+            self.link_bytes_sent += res as u64;
         }
         self.link_maybe_free(gen);
     }

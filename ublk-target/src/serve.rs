@@ -176,6 +176,7 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         peer: peer.name.clone(),
         peer_address: peer.address.clone(),
         export: export_uri,
+        compress: cfg.resource.compress,
         link_security: match &tls {
             Some(t) => format!("tls (TLS 1.3, peer pinned to {})", t.peer),
             None => "insecure".into(),

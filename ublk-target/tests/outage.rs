@@ -212,3 +212,37 @@ fn replication_rate_limits_the_stream_and_buffers_the_rest() {
     p.down();
     assert_eq!(hash_file(&p.backing(0)), hash_file(&p.backing(1)));
 }
+
+#[test]
+fn compression_ships_fewer_bytes_and_the_same_data() {
+    if !require_qemu() {
+        return;
+    }
+    let link_sent = |p: &Pair| p.status(0)["link_bytes_sent"].as_u64().unwrap();
+    let mut sent = vec![];
+    for compression in ["none", "lz4"] {
+        let p = Pair::new(&format!("lz4-{compression}"), "async", 32 * MIB);
+        p.resource_line(&format!("compression = \"{compression}\""));
+        p.start(0);
+        let (s0, l0) = (shipped(&p), link_sent(&p));
+        // qemu-io's pattern fill: one byte value per request, very compressible.
+        p.qemu_io_ok(0, &["write -P 0x4c 0 8M", "write -P 0x4d 8M 8M", "flush"]);
+        p.wait_in_sync(0);
+        let (payload, wire) = (shipped(&p) - s0, link_sent(&p) - l0);
+        eprintln!("compression {compression}: {payload} payload bytes, {wire} bytes on the wire");
+        assert!(payload >= 16 * MIB);
+        sent.push((payload, wire));
+        p.down();
+        assert_eq!(hash_file(&p.backing(0)), hash_file(&p.backing(1)));
+    }
+    assert!(
+        sent[0].1 >= sent[0].0,
+        "uncompressed: less on the wire than the payload?"
+    );
+    assert!(
+        sent[1].1 * 10 < sent[1].0,
+        "lz4 on patterned data: {} bytes on the wire for {}",
+        sent[1].1,
+        sent[1].0
+    );
+}
