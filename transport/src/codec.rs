@@ -81,23 +81,11 @@ const MAX_VERIFY_ENTRIES: usize = 1024;
 /// Append the frame for `msg` (header, body, checksum) to `out`; returns the payload to
 /// send right after it, if any.
 pub fn encode(msg: &Msg, out: &mut Vec<u8>) -> Option<Bytes> {
-    encode_for(msg, out, false)
+    encode_with(msg, out, EncodeOpts::default())
 }
 
-/// [`encode`], for a link whose records are authenticated (TLS): write items carry no data
-/// hash, saving a blake3 pass over the data on each side.
-pub fn encode_for(msg: &Msg, out: &mut Vec<u8>, link_authenticated: bool) -> Option<Bytes> {
-    encode_with(
-        msg,
-        out,
-        EncodeOpts {
-            link_authenticated,
-            compress: false,
-        },
-    )
-}
-
-/// [`encode`] with the link's options.
+/// [`encode`] with the link's options: on a link whose records are authenticated (TLS)
+/// write items carry no data hash, saving a blake3 pass over the data on each side.
 pub fn encode_with(msg: &Msg, out: &mut Vec<u8>, opts: EncodeOpts) -> Option<Bytes> {
     let link_authenticated = opts.link_authenticated;
     let mut flags = 0;
@@ -813,7 +801,11 @@ mod tests {
             },
         });
         let mut f = Vec::new();
-        let data = encode_for(&msg, &mut f, true).unwrap();
+        let opts = EncodeOpts {
+            link_authenticated: true,
+            compress: false,
+        };
+        let data = encode_with(&msg, &mut f, opts).unwrap();
         assert_eq!(f[7], FLAG_LINK_AUTHENTICATED);
         f.extend_from_slice(&data);
         // A TLS link's decoder takes it, with the data intact.

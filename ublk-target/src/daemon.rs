@@ -390,11 +390,7 @@ impl Loop {
                 }
             },
             Output::Send { conn, msg } => {
-                if let Some(l) = self
-                    .links
-                    .iter_mut()
-                    .find(|l| l.gen == conn && l.closing.is_none())
-                {
+                if let Some(l) = open_link(&mut self.links, conn) {
                     self.scratch.clear();
                     let opts = codec::EncodeOpts {
                         link_authenticated: l.tls.is_some(),
@@ -641,11 +637,7 @@ impl Loop {
     /// TLS at all) closes the link; nothing of it reaches the engine. `n`: bytes received
     /// into the link's ciphertext buffer.
     fn link_input(&mut self, gen: ConnId, n: usize) {
-        let Some(l) = self
-            .links
-            .iter_mut()
-            .find(|l| l.gen == gen && l.closing.is_none())
-        else {
+        let Some(l) = open_link(&mut self.links, gen) else {
             return;
         };
         let Link {
@@ -720,11 +712,7 @@ impl Loop {
     /// Hand every complete frame in the link's decoder to the engine.
     fn link_decode(&mut self, gen: ConnId) {
         loop {
-            let Some(l) = self
-                .links
-                .iter_mut()
-                .find(|l| l.gen == gen && l.closing.is_none())
-            else {
+            let Some(l) = open_link(&mut self.links, gen) else {
                 return;
             };
             match l.decoder.next() {
@@ -891,6 +879,13 @@ impl Loop {
             );
         }
     }
+}
+
+/// The link `gen`, unless it is closing (a closing link takes no input and no new output).
+fn open_link(links: &mut [Link], gen: ConnId) -> Option<&mut Link> {
+    links
+        .iter_mut()
+        .find(|l| l.gen == gen && l.closing.is_none())
 }
 
 /// Ciphertext kept ready ahead of the socket on a TLS link.

@@ -240,19 +240,7 @@ fn strangers_and_other_versions_on_the_replication_port() {
         // A stranger that connects and stays silent does not block anything.
         let _silent = TcpStream::connect(&p.addrs[i]).unwrap();
         // Logged with the reason.
-        let t0 = std::time::Instant::now();
-        loop {
-            let log = p.log(i);
-            if log.contains("not a blkrep peer") && log.contains("version 99") {
-                break;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "refusals not logged on {}:\n{log}",
-                p.names[i]
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        p.wait_log(i, &["not a blkrep peer", "version 99"]);
     }
     // The pair kept serving and replicating.
     let s = p.status(0);

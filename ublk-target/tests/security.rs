@@ -9,25 +9,9 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
-
-fn wait_log(p: &Pair, i: usize, what: &[&str]) {
-    let t0 = Instant::now();
-    loop {
-        let log = p.log(i);
-        if what.iter().all(|w| log.contains(w)) {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{what:?} never logged on {}:\n{log}",
-            p.names[i]
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn cert_fp(p: &Pair, i: usize) -> Fingerprint {
     let der = blkrep_transport::tls::load_cert(&p.dir.path().join(format!("{}.crt", p.names[i])))
@@ -94,8 +78,7 @@ fn strangers_plaintext_peers_and_unpinned_keys_are_refused() {
                 .map_err(|e| blkrep_transport::tls::TlsError::Handshake(e.to_string()))
         });
         assert!(accepted.is_err(), "an unpinned key got through");
-        wait_log(
-            &p,
+        p.wait_log(
             i,
             &[
                 "does not speak TLS",
@@ -117,7 +100,7 @@ fn strangers_plaintext_peers_and_unpinned_keys_are_refused() {
 /// Replace node `i`'s key lines in a copy of the configuration with a new key's.
 fn config_with_new_key(p: &Pair, i: usize) -> std::path::PathBuf {
     let text = std::fs::read_to_string(&p.config).unwrap();
-    let lines = keygen_lines(&p.dir.path().join(format!("{}-new", p.names[i])));
+    let lines = common::keygen(&p.dir.path().join(format!("{}-new", p.names[i])));
     // Node sections follow the resource; node i's is the (i+1)-th "[[node]]".
     let mut parts: Vec<String> = text.split("[[node]]").map(String::from).collect();
     let sec = &mut parts[i + 1];
@@ -135,20 +118,8 @@ fn config_with_new_key(p: &Pair, i: usize) -> std::path::PathBuf {
     path
 }
 
-fn keygen_lines(prefix: &Path) -> String {
-    common::keygen(prefix)
-}
-
 fn blkrep_cfg(p: &Pair, cfg: &Path, i: usize, args: &[&str]) {
-    let out = std::process::Command::new(bin_dir().join("blkrep"))
-        .arg("--config")
-        .arg(cfg)
-        .arg("--node")
-        .arg(p.names[i])
-        .args(args)
-        .env("BLKREPD", bin_dir().join("blkrepd"))
-        .output()
-        .unwrap();
+    let out = p.blkrep_with(cfg, i, args);
     assert!(
         out.status.success(),
         "{}",
@@ -209,7 +180,7 @@ fn tampered_truncated_and_reset_streams_are_dropped_and_the_pair_recovers() {
         px.fault_done(),
         "the stream never reached the corrupted offset"
     );
-    wait_log(&p, 1, &["TLS error", "none of it was applied"]);
+    p.wait_log(1, &["TLS error", "none of it was applied"]);
     p.wait_in_sync(0);
     assert!(connects(&p) > c0, "the link was not re-established");
     // The stream cut in the middle of a record.
@@ -257,13 +228,13 @@ fn insecure_is_flagged_and_mixed_configurations_refuse() {
     // beta requires TLS, alpha speaks plaintext: beta refuses.
     blkrep_cfg(&p, &tls_cfg, 1, &["up"]);
     p.ok(0, &["up"]);
-    wait_log(&p, 1, &["speaks plaintext"]);
+    p.wait_log(1, &["speaks plaintext"]);
     assert_ne!(p.status(0)["engine"]["conn"], "connected");
     p.down();
     // The other way round: beta plaintext, alpha TLS.
     p.ok(1, &["up"]);
     blkrep_cfg(&p, &tls_cfg, 0, &["up"]);
-    wait_log(&p, 1, &["the peer speaks TLS"]);
+    p.wait_log(1, &["the peer speaks TLS"]);
     assert_ne!(p.status(0)["engine"]["conn"], "connected");
     p.down();
 }

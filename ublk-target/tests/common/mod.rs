@@ -209,9 +209,14 @@ impl Pair {
 
     /// Run `blkrep --config C --node N ARGS...`.
     pub fn blkrep(&self, i: usize, args: &[&str]) -> Output {
+        self.blkrep_with(&self.config, i, args)
+    }
+
+    /// [`Pair::blkrep`] with another configuration file (one node's differing copy).
+    pub fn blkrep_with(&self, config: &Path, i: usize, args: &[&str]) -> Output {
         let out = Command::new(bin_dir().join("blkrep"))
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .arg("--node")
             .arg(self.names[i])
             .args(args)
@@ -243,6 +248,23 @@ impl Pair {
                 .join(format!("r0-{}.log", self.names[i])),
         )
         .unwrap_or_default()
+    }
+
+    /// Wait until node `i`'s log contains every one of `what`.
+    pub fn wait_log(&self, i: usize, what: &[&str]) {
+        let t0 = Instant::now();
+        loop {
+            let log = self.log(i);
+            if what.iter().all(|w| log.contains(w)) {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{what:?} never logged on {}:\n{log}",
+                self.names[i]
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn status(&self, i: usize) -> Value {
