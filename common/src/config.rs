@@ -28,6 +28,8 @@
 //! metadata = "/var/lib/blkrep/r0.md"
 //! nbd = "unix:/run/blkrep/r0.nbd"  # optional: "unix:PATH" or "tcp:127.0.0.1:10809"
 //! metrics = "127.0.0.1:9707"       # optional: Prometheus text-format endpoint
+//! journal = "/var/lib/blkrep/r0.journal" # optional: the primary's persistent write journal
+//! journal_size = "1G"              # its size (default 256M, at least 8M)
 //!
 //! [[node]]
 //! name = "beta"
@@ -48,6 +50,10 @@ pub const DEFAULT_CONFIG_DIR: &str = "/etc/blkrep";
 /// Volume sizes and request offsets are multiples of this (O_DIRECT on 4K-sector disks).
 pub const SIZE_ALIGN: u64 = 4096;
 const DEFAULT_QUEUE_LIMIT: u64 = 64 << 20;
+/// Journal size when `journal_size` is not given.
+pub const DEFAULT_JOURNAL_SIZE: u64 = 256 << 20;
+/// Smallest journal accepted.
+pub const MIN_JOURNAL_SIZE: u64 = 8 << 20;
 const MIN_QUEUE_LIMIT: u64 = 1 << 20;
 const MAX_NAME: usize = 64;
 /// Default ublk hardware queues: one (the single event loop serves every queue).
@@ -238,6 +244,8 @@ struct RawNode {
     metrics: Option<String>,
     ublk_queues: Option<i64>,
     ublk_depth: Option<i64>,
+    journal: Option<PathBuf>,
+    journal_size: Option<Size>,
 }
 
 /// The resource section, validated.
@@ -304,6 +312,8 @@ pub struct NodeConfig {
     pub ublk: UblkShape,
     /// Prometheus text-format endpoint (`host:port`), if configured.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The persistent write journal (file or block device) and its size, if configured.
+    pub journal: Option<(PathBuf, u64)>,
 }
 
 /// A validated resource configuration.
@@ -463,6 +473,39 @@ impl Config {
             if let Some(l) = &n.listen {
                 check_address(l).map_err(|p| invalid(f("listen"), p))?;
             }
+            let journal = match (n.journal, n.journal_size) {
+                (None, None) => None,
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        f("journal_size"),
+                        "set without node.journal (the journal's path)".into(),
+                    ))
+                }
+                (Some(p), size) => {
+                    if p.as_os_str().is_empty() {
+                        return Err(invalid(f("journal"), "must not be empty".into()));
+                    }
+                    if p == n.backing || p == n.metadata {
+                        return Err(invalid(
+                            f("journal"),
+                            "must be a file or device of its own (not the backing or the \
+                             metadata)"
+                                .into(),
+                        ));
+                    }
+                    let size = size.map_or(DEFAULT_JOURNAL_SIZE, |s| s.0);
+                    if size < MIN_JOURNAL_SIZE || size % SIZE_ALIGN != 0 {
+                        return Err(invalid(
+                            f("journal_size"),
+                            format!(
+                                "{size} bytes: must be at least {MIN_JOURNAL_SIZE} and a \
+                                 multiple of {SIZE_ALIGN}"
+                            ),
+                        ));
+                    }
+                    Some((p, size))
+                }
+            };
             let tls = match (n.key, n.cert, n.fingerprint) {
                 (None, None, None) if insecure => None,
                 // insecure = true wins: the link is plaintext, keys or not.
@@ -518,6 +561,7 @@ impl Config {
                 nbd,
                 ublk: node_ublk,
                 metrics,
+                journal,
             });
         }
         if nodes[0].name == nodes[1].name {

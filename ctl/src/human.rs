@@ -134,6 +134,30 @@ pub fn status(s: &DaemonStatus) -> String {
         e.writes_in_flight,
         bytes(e.bytes_in_flight)
     );
+    if let Some(j) = &e.journal {
+        let pct = j.used as f64 * 100.0 / j.capacity.max(1) as f64;
+        let _ = writeln!(
+            o,
+            "  journal: {}, {} used ({pct:.1}% of {}), {} records{}{}",
+            j.state,
+            bytes(j.used),
+            bytes(j.capacity),
+            j.records,
+            if j.overflows > 0 {
+                format!(", overflowed {} times", j.overflows)
+            } else {
+                String::new()
+            },
+            if j.replay_pending > 0 {
+                format!(
+                    ", {} items from before the crash replayed at the next promote",
+                    j.replay_pending
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
     if let Some(r) = &e.resync {
         let pct = if r.total_bytes > 0 {
             r.done_bytes as f64 * 100.0 / r.total_bytes as f64

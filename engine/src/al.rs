@@ -105,6 +105,7 @@ impl Volume {
         }
         self.queue.clear();
         self.queue_bytes = 0;
+        self.journal_release_all();
     }
 
     /// Cool extents whose writes the peer holds (or the metadata records), and write the

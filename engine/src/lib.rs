@@ -17,6 +17,8 @@ pub mod types;
 pub use buf::AlignedBuf;
 pub use types::*;
 mod handshake;
+pub mod journal;
+mod journaling;
 pub mod meta;
 pub mod plan;
 mod primary;
@@ -28,6 +30,7 @@ pub mod status;
 pub mod verify;
 pub mod volume;
 
+pub use journaling::{JournalStart, JournalStatus};
 pub use volume::{
     AdminCmd, AdminError, DiskKind, DiskOp, Event, Input, Output, Probe, Volume, VolumeConfig,
 };

@@ -103,7 +103,7 @@ impl Volume {
 
     /// Backpressure: the peer is connected and the queue holds `queue_limit` bytes.
     pub(crate) fn queue_full(&self) -> bool {
-        self.streaming && self.queue_bytes >= self.cfg.queue_limit
+        self.streaming && (self.queue_bytes >= self.cfg.queue_limit || self.journal_tight())
     }
 
     fn submit(&mut self, input: Input) {
@@ -200,7 +200,7 @@ impl Volume {
                     // The activity log records the extent first (see al.rs).
                     self.persist_meta();
                 }
-                if !covered || self.local_busy(start, end) {
+                if !covered || self.local_busy(start, end) || !self.journal_gate(seq) {
                     self.blocked.push_back(Blocked {
                         req,
                         start,
@@ -285,6 +285,14 @@ impl Volume {
             return true;
         }
         let len = item.payload_len();
+        if !self.streaming && !self.journal_has_room(&item) {
+            // The journal is full: bitmap mode (the queue's items go to the dirty set).
+            if let Some((s, e)) = item.range() {
+                self.mark_dirty(s, e);
+            }
+            self.journal_overflow();
+            return true;
+        }
         if !self.streaming && self.queue_bytes + len > self.cfg.queue_limit {
             self.event(
                 "overflow",
@@ -302,6 +310,7 @@ impl Volume {
             return true;
         }
         self.queue_bytes += len;
+        self.journal_append(&item);
         self.queue.push_back(Queued {
             item,
             sent: false,
@@ -326,7 +335,7 @@ impl Volume {
             let covered = q.item.resync
                 || matches!(q.item.kind, ItemKind::Verify { .. })
                 || q.item.range().is_none_or(|(s, e)| self.al_covered(s, e));
-            if !covered {
+            if !covered || !self.journal_ship_gate(q.item.seq) {
                 break;
             }
             // The replication rate limit applies to the write stream; resync reads have
@@ -439,13 +448,18 @@ impl Volume {
         let mut i = 0;
         while i < self.blocked.len() {
             let b = &self.blocked[i];
-            let (start, end) = (b.start, b.end);
+            let (start, end, req) = (b.start, b.end, b.req);
             let covered = self.al_covered(start, end);
             if !covered && !self.meta_in_flight {
                 self.al_request(start, end);
             }
+            let journaled = self
+                .pending
+                .get(&req)
+                .is_none_or(|p| self.journal_gate(p.seq));
             let clear = !self.local_inflight.overlaps(start, end)
                 && covered
+                && journaled
                 && !self
                     .blocked
                     .iter()

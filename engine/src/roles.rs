@@ -316,7 +316,8 @@ impl Volume {
         // A crashed primary's possibly unshipped writes are in its dirty set (its activity
         // log's extents): the resync to the peer covers them. The numbers it handed out
         // before the crash are not reused: its new stream starts far above.
-        if self.crashed_primary {
+        let replayed = self.take_journal_replay(peer.applied_seq.max(peer.received_seq));
+        if self.crashed_primary && !replayed {
             self.last_seq += FORCED_SEQ_GAP;
             self.completed_max = self.last_seq;
             self.stream_base = self.last_seq;
@@ -325,6 +326,11 @@ impl Volume {
         self.crashed_primary = false;
         self.gen_shared = true;
         self.bumped_from = None;
+        if replayed {
+            // The generation this node left by writing without the peer before its crash:
+            // a peer still on it holds a prefix of the journal's stream.
+            self.bumped_from = self.meta.history.first().copied().filter(|&g| g != 0);
+        }
         self.meta.set(FLAG_CLEAN, false);
         self.persist_meta();
         let msg = format!(
@@ -400,6 +406,26 @@ impl Volume {
     /// back) is behind and is resynced from this node.
     fn become_forced_primary(&mut self, new_generation: u64) -> String {
         let old = self.meta.generation;
+        if self.take_journal_replay(0) {
+            // This node's own crash, not a takeover: its journal continues its stream. It
+            // keeps the generation; its first write without the peer starts a new one that
+            // the peer, still on this one, resumes from by sequence.
+            self.role = Role::Primary;
+            self.disk_state = DiskState::UpToDate;
+            self.streaming = false;
+            self.gen_shared = true;
+            self.bumped_from = None;
+            self.meta.set(FLAG_CLEAN, false);
+            self.persist_meta();
+            let msg = format!(
+                "promoted to primary without the peer after a crash of this node: its journal \
+                 is replayed to the peer when it returns (generation {old:016x} kept)"
+            );
+            self.event("role", msg.clone());
+            self.send(Msg::Hello(self.hello()));
+            self.start_streaming();
+            return msg;
+        }
         self.meta.new_generation(new_generation);
         self.recompute_relation();
         self.role = Role::Primary;

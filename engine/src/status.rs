@@ -108,4 +108,7 @@ pub struct EngineStatus {
     pub bytes_read: u64,
     /// Client flushes completed since start.
     pub flushes: u64,
+    /// The primary's journal, when one is configured.
+    #[serde(default)]
+    pub journal: Option<crate::journaling::JournalStatus>,
 }

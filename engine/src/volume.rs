@@ -105,6 +105,9 @@ pub enum DiskKind {
     Flush,
     /// Write the metadata durably (the driver alternates the slots).
     WriteMeta(Metadata),
+    /// Write `data` at byte `pos` of the journal (a record or a superblock slot; see
+    /// [`crate::journal`]). Completion means written (page cache suffices).
+    JournalWrite { pos: u64, data: Bytes },
 }
 
 /// A disk operation for the driver to perform; answer with [`Input::DiskDone`].
@@ -282,6 +285,12 @@ pub(crate) enum Purpose {
     },
     /// The flush a node makes before it takes the primary role.
     PromoteFlush,
+    /// A journal record (`None`: a pad record).
+    JournalAppend {
+        seq: Option<Seq>,
+    },
+    /// A journal superblock.
+    JournalSuper,
     /// Primary: an online-verify read.
     VerifyRead {
         start: u64,
@@ -502,6 +511,8 @@ pub struct Volume {
     pub(crate) bytes_written: u64,
     pub(crate) bytes_read: u64,
     pub(crate) flushes: u64,
+    /// The primary's persistent journal, when configured ([`Volume::attach_journal`]).
+    pub(crate) journal: Option<crate::journaling::Journal>,
 }
 
 impl Volume {
@@ -602,6 +613,7 @@ impl Volume {
             bytes_written: 0,
             bytes_read: 0,
             flushes: 0,
+            journal: None,
             meta,
         }
     }
@@ -714,6 +726,7 @@ impl Volume {
             bytes_written: self.bytes_written,
             bytes_read: self.bytes_read,
             flushes: self.flushes,
+            journal: self.journal_status(),
         }
     }
 
@@ -888,6 +901,8 @@ impl Volume {
             Purpose::Apply { seq, start, bytes } => self.apply_done(seq, start, bytes, result),
             Purpose::Checkpoint { upto } => self.checkpoint_flush_done(upto, result),
             Purpose::PromoteFlush => self.promote_flush_done(result),
+            Purpose::JournalAppend { seq } => self.journal_append_done(seq, result.map(|_| ())),
+            Purpose::JournalSuper => self.journal_super_done(result.map(|_| ())),
             Purpose::VerifyRead { start, len, run } => {
                 self.verify_read_done(start, len, run, result)
             }
@@ -954,6 +969,7 @@ impl Volume {
     /// Work that may have become possible after any input.
     fn after_input(&mut self) {
         self.pump_primary();
+        self.pump_journal();
         self.ship_pending();
         self.pump_applier();
         self.send_ack_if_moved();

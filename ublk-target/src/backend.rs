@@ -168,6 +168,8 @@ pub enum DiskIo {
         offset: u64,
         done: usize,
         fua: bool,
+        /// To the journal instead of the backing.
+        journal: bool,
     },
     /// fallocate; `mode` changes when falling back from punching to zeroing.
     Fallocate {
@@ -232,8 +234,16 @@ impl DiskIo {
                     offset,
                     done: 0,
                     fua,
+                    journal: false,
                 }
             }
+            DiskKind::JournalWrite { pos, data } => DiskIo::Write {
+                data,
+                offset: pos,
+                done: 0,
+                fua: false,
+                journal: true,
+            },
             DiskKind::WriteZeroes { offset, len, fua } => DiskIo::Fallocate {
                 offset,
                 len,
@@ -260,7 +270,7 @@ impl DiskIo {
 
     /// The submission for the current step. The returned entry points into `self`, which
     /// must stay where it is (it lives boxed in the ring's op table) until completion.
-    pub fn sqe(&mut self, backing: i32, meta: i32) -> squeue::Entry {
+    pub fn sqe(&mut self, backing: i32, meta: i32, journal_fd: i32) -> squeue::Entry {
         match self {
             DiskIo::Read { buf, offset, done } => {
                 let len = buf.len() - *done;
@@ -276,9 +286,11 @@ impl DiskIo {
                 offset,
                 done,
                 fua,
+                journal,
             } => {
                 let rest = &data[*done..];
-                opcode::Write::new(types::Fd(backing), rest.as_ptr(), rest.len() as u32)
+                let fd = if *journal { journal_fd } else { backing };
+                opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
                     .offset(*offset + *done as u64)
                     .rw_flags(if *fua { libc::RWF_DSYNC } else { 0 })
                     .build()

@@ -166,6 +166,8 @@ pub struct Loop {
     _backing: Backing,
     backing_fd: RawFd,
     meta: MetaArea,
+    _journal: Option<std::fs::File>,
+    journal_fd: RawFd,
     ops: Vec<Option<Op>>,
     free_ops: Vec<usize>,
     nbd: Vec<Option<NbdConn>>,
@@ -194,6 +196,7 @@ impl Loop {
         vol: Volume,
         backing: Backing,
         meta: MetaArea,
+        journal: Option<std::fs::File>,
         shared: Shared,
         id: Identity,
         ublk: Option<UblkFrontend>,
@@ -207,6 +210,8 @@ impl Loop {
             _backing: backing,
             backing_fd,
             meta,
+            journal_fd: journal.as_ref().map_or(-1, |f| f.as_raw_fd()),
+            _journal: journal,
             ops: Vec::new(),
             free_ops: Vec::new(),
             nbd: Vec::new(),
@@ -331,7 +336,7 @@ impl Loop {
         match op {
             Op::Disk { op, mut io } => match io.complete(res, &mut self.meta) {
                 Step::Again => {
-                    let e = io.sqe(self.backing_fd, self.meta.file.as_raw_fd());
+                    let e = io.sqe(self.backing_fd, self.meta.file.as_raw_fd(), self.journal_fd);
                     self.free_ops.pop();
                     self.ops[key] = Some(Op::Disk { op, io });
                     self.push(e.user_data(key as u64));
@@ -377,7 +382,7 @@ impl Loop {
             Output::Disk(d) => match DiskIo::new(d.kind, &self.meta) {
                 Ok(io) => {
                     let mut io = Box::new(io);
-                    let e = io.sqe(self.backing_fd, self.meta.file.as_raw_fd());
+                    let e = io.sqe(self.backing_fd, self.meta.file.as_raw_fd(), self.journal_fd);
                     let key = self.alloc_op(Op::Disk { op: d.op, io });
                     self.push(e.user_data(key as u64));
                 }

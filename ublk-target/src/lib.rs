@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod control;
 pub mod daemon;
+pub mod journal_file;
 pub mod link;
 pub mod metrics;
 pub mod nbd;

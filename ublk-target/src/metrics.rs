@@ -118,6 +118,24 @@ pub fn render(s: &Value) -> String {
         num(&e["out_of_sync_bytes"]),
     );
     metric(
+        "journal_used_bytes",
+        "gauge",
+        "bytes of the primary's journal held by records the peer lacks (0 without a journal)",
+        num(&e["journal"]["used"]),
+    );
+    metric(
+        "journal_capacity_bytes",
+        "gauge",
+        "size of the journal's ring (0 without a journal)",
+        num(&e["journal"]["capacity"]),
+    );
+    metric(
+        "journal_overflows_total",
+        "counter",
+        "times the journal filled while the peer was away (bitmap mode followed)",
+        num(&e["journal"]["overflows"]),
+    );
+    metric(
         "hot_extents",
         "gauge",
         "activity-log extents currently recorded",

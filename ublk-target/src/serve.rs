@@ -39,7 +39,17 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
             me.backing.display()
         );
     }
-    let (meta_area, meta) = MetaArea::open(&me.metadata, name, node, size)?;
+    let (meta_area, mut meta) = MetaArea::open(&me.metadata, name, node, size)?;
+    // The journal is scanned (and a trusted one redone on the backing) before anything
+    // else reads or writes the volume.
+    let journal = match &me.journal {
+        Some((path, jsize)) => {
+            let j = crate::journal_file::open(path, *jsize, name, &mut meta, &me.backing)?;
+            tracing::info!("{}", j.report);
+            Some(j)
+        }
+        None => None,
+    };
     let was_primary = meta.role == Role::Primary;
     let frontend = cfg
         .resource
@@ -150,7 +160,15 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
     vcfg.resync_rate = cfg.resource.resync_rate;
     vcfg.replication_rate = cfg.resource.replication_rate;
     vcfg.checksum_full_sync = cfg.resource.checksum_full_sync;
-    let vol = Volume::new(vcfg, meta);
+    if let Some(j) = &journal {
+        // The ship queue holds what the journal holds (in memory as well, for now).
+        vcfg.queue_limit = vcfg.queue_limit.max(j.cfg.capacity());
+    }
+    let mut vol = Volume::new(vcfg, meta);
+    let journal_file = journal.map(|j| {
+        vol.attach_journal(j.cfg, j.start);
+        j.file
+    });
     tracing::info!(
         "serving {name}/{node}: {size} bytes, {:?} mode, export {export_uri}, replication on {listen} (peer {} at {}, {})",
         cfg.resource.mode,
@@ -183,7 +201,8 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         },
     };
     // The loop (its ring, the tag buffers, the char device) is gone once this returns.
-    let r = Loop::new(vol, backing, meta_area, shared, ident, ublk).and_then(|l| l.run());
+    let r =
+        Loop::new(vol, backing, meta_area, journal_file, shared, ident, ublk).and_then(|l| l.run());
     stop.store(true, Ordering::Relaxed);
     if let Some(u) = ublk_setup {
         u.finish();

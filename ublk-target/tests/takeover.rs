@@ -10,26 +10,6 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
-fn kill9(p: &Pair, i: usize) {
-    let pid = p.status(i)["pid"].as_u64().expect("daemon running");
-    let st = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let t0 = Instant::now();
-    while Command::new("kill")
-        .args(["-0", &pid.to_string()])
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap()
-        .success()
-    {
-        assert!(t0.elapsed() < Duration::from_secs(10), "pid {pid} lives on");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn json(p: &Pair, i: usize, args: &[&str]) -> Value {
     let out = p.ok(i, args);
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
@@ -65,7 +45,7 @@ fn forced_takeover_after_kill9_then_failback() {
     std::thread::sleep(Duration::from_millis(800));
 
     // The primary site is lost.
-    kill9(&p, 0);
+    p.kill9(0);
     p.wait_for(1, "link down", |s| s["engine"]["conn"] != "connected");
     // A planned promote is refused without the peer; --force takes over.
     let out = p.blkrep(1, &["promote", "--timeout", "1"]);
@@ -266,7 +246,7 @@ fn interrupted_resync_resumes_where_it_was() {
         s["engine"]["hot_extents"] == 0
     });
     std::thread::sleep(Duration::from_millis(800));
-    kill9(&p, 0);
+    p.kill9(0);
     // 4 MiB/s from now on: the 24 MiB resync below takes six seconds, time to interrupt it
     // twice (the survivor restarts to read the setting).
     p.resource_line("resync_rate = \"4M\"");
@@ -303,7 +283,7 @@ fn interrupted_resync_resumes_where_it_was() {
     // The target dies mid-resync, and comes back.
     std::thread::sleep(Duration::from_millis(300));
     let started = resync_bytes(&p, 1).len();
-    kill9(&p, 0);
+    p.kill9(0);
     p.wait_for(1, "link down", |s| {
         s["engine"]["conn"] != "connected" && s["engine"]["conn"] != "sync_source"
     });
@@ -320,7 +300,7 @@ fn interrupted_resync_resumes_where_it_was() {
     let t0 = Instant::now();
     let (_, _) = wait_resync_progress(&p, 1, 6 * MIB);
     std::thread::sleep(Duration::from_millis(1200).saturating_sub(t0.elapsed()));
-    kill9(&p, 1);
+    p.kill9(1);
     p.wait_for(0, "link down", |s| {
         s["engine"]["conn"] != "connected" && s["engine"]["conn"] != "sync_target"
     });

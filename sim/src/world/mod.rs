@@ -589,6 +589,9 @@ impl World {
                     Ok(None)
                 }
             }
+            DiskKind::JournalWrite { .. } => {
+                unreachable!("the simulator configures no journal")
+            }
         };
         if p.fail {
             self.stats.disk_errors += 1;
@@ -693,6 +696,7 @@ fn brief(k: &DiskKind) -> String {
                 .map(|(s, e)| format!("{}+{}", s / SECTOR, (e - s) / SECTOR))
                 .collect::<Vec<_>>()
         ),
+        DiskKind::JournalWrite { pos, data } => format!("journal {pos}+{}", data.len()),
     }
 }
 

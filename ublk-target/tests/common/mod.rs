@@ -311,6 +311,27 @@ impl Pair {
         }
     }
 
+    /// kill -9 node `i`'s daemon and wait until it is gone.
+    pub fn kill9(&self, i: usize) {
+        let pid = self.status(i)["pid"].as_u64().expect("daemon running");
+        let st = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let t0 = Instant::now();
+        while Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+        {
+            assert!(t0.elapsed() < Duration::from_secs(10), "pid {pid} lives on");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn down(&self) {
         for i in 0..2 {
             let _ = self.blkrep(i, &["down"]);
