@@ -50,8 +50,8 @@ fn journal_path(p: &Pair) -> PathBuf {
 }
 
 fn pair(tag: &str) -> Pair {
-    let dir_hint = format!("journal = \"@DIR@/alpha.journal\"\njournal_size = \"32M\"");
-    let p = Pair::with_node_extra(tag, "async", SIZE, [&dir_hint, ""]);
+    let dir_hint = "journal = \"@DIR@/alpha.journal\"\njournal_size = \"32M\"";
+    let p = Pair::with_node_extra(tag, "async", SIZE, [dir_hint, ""]);
     // The node section needs the pair's directory: fill it in.
     let cfg = std::fs::read_to_string(&p.config).unwrap();
     let dir = p.backing(0).parent().unwrap().display().to_string();
