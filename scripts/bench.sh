@@ -7,6 +7,8 @@
 #   sync      blkrep pair on loopback, sync mode
 #   async-plain, sync-plain   the same with resource.insecure = true (no TLS): the cost of
 #             the encrypted link is async / async-plain
+#   async-journal   async with the primary's persistent journal (512M, a file beside the
+#             backing, on the same disk): the cost of the journal is async-journal / async
 # The replica's backing lives in --replica-dir (default /dev/shm): a remote node has a disk
 # of its own, so by default the replica does not compete for this disk (it still competes
 # for the CPUs). --replica-dir on the same disk as --dir shows the same-disk case.
@@ -51,7 +53,7 @@ mkdir -p "$RUN"
 pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  for m in async sync async-plain sync-plain; do
+  for m in async sync async-plain sync-plain async-journal; do
     [ -f "$DIR/$m.toml" ] && for n in alpha beta; do
       "$BIN/blkrep" --config "$DIR/$m.toml" --node $n down --timeout 20 >/dev/null 2>&1 || true
     done
@@ -80,7 +82,11 @@ tls_lines() { # node contender
   case "$2" in *-plain) ;; *) grep -E '^(key|cert|fingerprint) =' "$DIR/keys/$1.toml" ;; esac
 }
 
-write_config() { # contender: async, sync, async-plain, sync-plain
+journal_lines() { # contender
+  case "$1" in *-journal) printf 'journal = "%s"\njournal_size = "512M"\n' "$DIR/alpha.journal" ;; esac
+}
+
+write_config() { # contender: async, sync, async-plain, sync-plain, async-journal
   local c=$1 m=${1%%-*} insecure=false
   case "$c" in *-plain) insecure=true ;; esac
   cat >"$DIR/$c.toml" <<EOF
@@ -98,6 +104,7 @@ address = "127.0.0.1:$(port)"
 backing = "$IMG"
 metadata = "$DIR/alpha-$c.md"
 $(tls_lines alpha "$c")
+$(journal_lines "$c")
 
 [[node]]
 name = "beta"
@@ -168,7 +175,7 @@ for r in $(seq "$ROUNDS"); do
         wait_sock "$RUN/qemu.sock"
         nbd_fio "$r" qemu-nbd "nbd+unix:///vol?socket=$RUN/qemu.sock"
         kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true ;;
-      async|sync|async-plain|sync-plain)
+      async|sync|async-plain|sync-plain|async-journal)
         write_config "$c"
         cfg=$DIR/$c.toml
         for n in alpha beta; do

@@ -12,12 +12,12 @@
 //!   sequence before it (`head_prev`), the boot the journal was written under, and whether
 //!   the journal is **active**: holds every write the peer may lack. It is inactive while a
 //!   dirty set exists (bitmap mode: overflow, resync) and on a secondary.
-//! - from byte 8192 on: the ring, `capacity` bytes. Records start on 4 KiB boundaries and
+//! - from byte 8192 on: the ring, `capacity` bytes. Records start on 512-byte boundaries and
 //!   never wrap: one that does not fit before the end is preceded by a pad record covering
 //!   the rest. Positions are logical (`lpos`, growing forever); the physical offset is
 //!   `8192 + lpos % capacity`.
 //!
-//! ## Record (128-byte header, then the payload, padded to 4 KiB)
+//! ## Record (128-byte header, then the payload, padded to 512 bytes)
 //! ```text
 //!   0  magic "BLKRJREC"          8  version u16 (1)      10 kind u8    11 flags u8 (1: fua)
 //!  12  payload_len u32          16  lpos u64             24 seq u64    32 prev_seq u64
@@ -42,15 +42,15 @@
 
 use crate::msg::{ItemKind, StreamItem};
 use crate::types::Seq;
-use crate::AlignedBuf;
 use bytes::Bytes;
 
 /// Size of one superblock slot.
 pub const SB_SLOT: u64 = 4096;
 /// Where the ring starts.
 pub const DATA_START: u64 = 2 * SB_SLOT;
-/// Record alignment.
-pub const ALIGN: u64 = 4096;
+/// Record alignment (the journal is written through the page cache: sector alignment keeps
+/// a 4 KiB write's record at 4.5 KiB).
+pub const ALIGN: u64 = 512;
 /// Record header size.
 pub const HEADER: usize = 128;
 /// Smallest journal (file size) accepted.
@@ -153,7 +153,7 @@ impl Superblock {
         let end = SB_SLOT as usize - 32;
         let sum = blake3::hash(&b[..end]);
         b[end..].copy_from_slice(sum.as_bytes());
-        AlignedBuf::copy_from(&b).freeze()
+        Bytes::from(b)
     }
 
     /// Decode one slot; `None` when it is not a valid superblock of any version.
@@ -271,8 +271,10 @@ fn header(
     h
 }
 
-/// The record of `item` at logical position `lpos`, following the record of `prev_seq`.
-pub fn encode_record(lpos: u64, prev_seq: Seq, item: &StreamItem) -> Bytes {
+/// The record of `item` at logical position `lpos`, following the record of `prev_seq`, as
+/// parts to write back to back: the header, the payload (shared with the item, not
+/// copied) and the zero padding.
+pub fn encode_record(lpos: u64, prev_seq: Seq, item: &StreamItem) -> Vec<Bytes> {
     let payload = payload(item);
     let (kind, flags, offset, len, block) = match &item.kind {
         ItemKind::Write { offset, data, fua } => {
@@ -288,20 +290,26 @@ pub fn encode_record(lpos: u64, prev_seq: Seq, item: &StreamItem) -> Bytes {
     let h = header(
         kind, flags, &payload, lpos, item.seq, prev_seq, item.dep, offset, len, block,
     );
-    let size = record_size(item) as usize;
-    let mut b = AlignedBuf::zeroed(size);
-    let m = b.as_mut_slice();
-    m[..HEADER].copy_from_slice(&h);
-    m[HEADER..HEADER + payload.len()].copy_from_slice(&payload);
-    b.freeze()
+    let pad = record_size(item) as usize - HEADER - payload.len();
+    let mut parts = vec![Bytes::copy_from_slice(&h)];
+    if !payload.is_empty() {
+        parts.push(payload);
+    }
+    if pad > 0 {
+        parts.push(Bytes::from_static(&ZEROES[..pad]));
+    }
+    parts
 }
 
+static ZEROES: [u8; ALIGN as usize] = [0; ALIGN as usize];
+
 /// A pad record at `lpos` covering `len` bytes (to the end of the ring).
-pub fn encode_pad(lpos: u64, prev_seq: Seq, len: u64) -> Bytes {
+pub fn encode_pad(lpos: u64, prev_seq: Seq, len: u64) -> Vec<Bytes> {
     let h = header(KIND_PAD, 0, &[], lpos, prev_seq, prev_seq, 0, 0, len, 0);
-    let mut b = AlignedBuf::zeroed(ALIGN as usize);
-    b.as_mut_slice()[..HEADER].copy_from_slice(&h);
-    b.freeze()
+    vec![
+        Bytes::copy_from_slice(&h),
+        Bytes::from_static(&ZEROES[..ALIGN as usize - HEADER]),
+    ]
 }
 
 /// Physical offset of logical position `lpos`.
@@ -545,12 +553,13 @@ mod tests {
             let size = record_size(it);
             let pad = pad_before(CAP, tail, size);
             if pad > 0 {
-                let p = encode_pad(tail, prev, pad);
+                let p = encode_pad(tail, prev, pad).concat();
                 let at = phys(CAP, tail) as usize;
                 ring[at..at + p.len()].copy_from_slice(&p);
                 tail += pad;
             }
-            let r = encode_record(tail, prev, it);
+            let r = encode_record(tail, prev, it).concat();
+            assert_eq!(r.len() as u64, size);
             let at = phys(CAP, tail) as usize;
             ring[at..at + r.len()].copy_from_slice(&r);
             tail += size;
@@ -653,7 +662,7 @@ mod tests {
         // A new lap writes two records over the start; the rest is the old lap's.
         let new = [write(20, 9, 3000), write(21, 9, 3000)];
         let (lap, _) = build(CAP, 19, &new);
-        let end = (DATA_START + 2 * 4096) as usize;
+        let end = (DATA_START + 2 * record_size(&new[0])) as usize;
         ring[DATA_START as usize..end].copy_from_slice(&lap[DATA_START as usize..end]);
         let s = run(&ring, &sb(CAP, 19));
         assert_eq!(s.torn, None);
@@ -664,7 +673,8 @@ mod tests {
     fn torn_tails_are_cut_at_the_last_whole_record() {
         let items: Vec<StreamItem> = (1..6).map(|s| write(s, s as u8, 6000)).collect();
         let (ring, _) = build(0, 0, &items);
-        let last = (DATA_START + 4 * 8192) as usize; // record 5 (8 KiB each)
+        let size = record_size(&items[0]);
+        let last = (DATA_START + 4 * size) as usize; // record 5
                                                      // Payload damage, header damage, a truncated file.
         for (name, damage) in [("payload", last + 200), ("header", last + 30)] {
             let mut r = ring.clone();
@@ -672,7 +682,7 @@ mod tests {
             let s = run(&r, &sb(0, 0));
             assert_eq!(s.items, items[..4], "{name}");
             assert!(s.torn.is_some(), "{name}");
-            assert_eq!(s.tail, 4 * 8192, "{name}");
+            assert_eq!(s.tail, 4 * size, "{name}");
         }
         let s = run(&ring[..last + 1000], &sb(0, 0));
         assert_eq!(s.items, items[..4]);
@@ -682,9 +692,10 @@ mod tests {
     #[test]
     fn a_broken_chain_is_torn() {
         let (mut ring, _) = build(0, 0, &[write(1, 1, 100), write(2, 2, 100)]);
-        let (other, _) = build(4096, 7, &[write(8, 8, 100)]);
-        let at = (DATA_START + 4096) as usize;
-        ring[at..at + 4096].copy_from_slice(&other[at..at + 4096]);
+        let size = record_size(&write(1, 1, 100));
+        let (other, _) = build(size, 7, &[write(8, 8, 100)]);
+        let at = (DATA_START + size) as usize;
+        ring[at..at + size as usize].copy_from_slice(&other[at..at + size as usize]);
         let s = run(&ring, &sb(0, 0));
         assert_eq!(s.items.len(), 1);
         assert!(s.torn.unwrap().contains("chain"));

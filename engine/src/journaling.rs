@@ -185,7 +185,7 @@ impl Volume {
         for (pos, data, seq) in writes {
             self.issue(
                 Purpose::JournalAppend { seq },
-                DiskKind::JournalWrite { pos, data },
+                DiskKind::JournalWrite { pos, parts: data },
             );
         }
         true
@@ -339,7 +339,7 @@ impl Volume {
             Purpose::JournalSuper,
             DiskKind::JournalWrite {
                 pos,
-                data: sb.encode(),
+                parts: vec![sb.encode()],
             },
         );
     }

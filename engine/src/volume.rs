@@ -105,9 +105,9 @@ pub enum DiskKind {
     Flush,
     /// Write the metadata durably (the driver alternates the slots).
     WriteMeta(Metadata),
-    /// Write `data` at byte `pos` of the journal (a record or a superblock slot; see
-    /// [`crate::journal`]). Completion means written (page cache suffices).
-    JournalWrite { pos: u64, data: Bytes },
+    /// Write `parts`, back to back, at byte `pos` of the journal (a record or a superblock
+    /// slot; see [`crate::journal`]). Completion means written (page cache suffices).
+    JournalWrite { pos: u64, parts: Vec<Bytes> },
 }
 
 /// A disk operation for the driver to perform; answer with [`Input::DiskDone`].

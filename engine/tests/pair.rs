@@ -151,8 +151,9 @@ impl Pair {
                     self.n[i].meta = m;
                     Ok(None)
                 }
-                DiskKind::JournalWrite { pos, data } => {
+                DiskKind::JournalWrite { pos, parts } => {
                     let j = self.n[i].journal.as_mut().expect("journal configured");
+                    let data = parts.concat();
                     j[pos as usize..pos as usize + data.len()].copy_from_slice(&data);
                     Ok(None)
                 }
@@ -603,7 +604,7 @@ fn a_torn_journal_tail_falls_back_to_a_resync_and_loses_nothing() {
         // Damage the newest record: flip a byte in the last written 4 KiB of the ring.
         let torn = p.crash_and_restart(0, |j| {
             let last = (journal::DATA_START as usize..j.len())
-                .step_by(4096)
+                .step_by(512)
                 .rfind(|&at| &j[at..at + 8] == b"BLKRJREC")
                 .expect("a record");
             j[last + 200] ^= 0xff;

@@ -237,8 +237,8 @@ impl DiskIo {
                     journal: false,
                 }
             }
-            DiskKind::JournalWrite { pos, data } => DiskIo::Write {
-                data,
+            DiskKind::JournalWrite { pos, parts } => DiskIo::Write {
+                data: Bytes::from(parts.concat()),
                 offset: pos,
                 done: 0,
                 fua: false,

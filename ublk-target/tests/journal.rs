@@ -71,7 +71,7 @@ fn records(path: &PathBuf) -> Vec<(u64, u64)> {
         if &h[0..8] == b"BLKRJREC" {
             out.push((u64::from_le_bytes(h[24..32].try_into().unwrap()), at));
         }
-        at += 4096;
+        at += 512;
     }
     out.sort();
     out

@@ -696,7 +696,12 @@ fn brief(k: &DiskKind) -> String {
                 .map(|(s, e)| format!("{}+{}", s / SECTOR, (e - s) / SECTOR))
                 .collect::<Vec<_>>()
         ),
-        DiskKind::JournalWrite { pos, data } => format!("journal {pos}+{}", data.len()),
+        DiskKind::JournalWrite { pos, parts } => {
+            format!(
+                "journal {pos}+{}",
+                parts.iter().map(|p| p.len()).sum::<usize>()
+            )
+        }
     }
 }
 
