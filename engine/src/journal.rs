@@ -513,6 +513,119 @@ pub fn scan(
     s
 }
 
+/// What to do with a journal found at start-up ([`open`]).
+#[derive(Debug)]
+pub struct Opening {
+    /// Hand to [`crate::Volume::attach_journal`].
+    pub start: crate::journaling::JournalStart,
+    /// Items to write to the backing, in order, then sync, before anything else touches
+    /// it (a trusted journal's live records).
+    pub redo: Vec<StreamItem>,
+    /// One line for the log: what was found and what is done with it.
+    pub report: String,
+}
+
+/// Decide at start-up what a journal is worth. `sb` is its newest superblock (`None`: a
+/// new journal), `file_len` its size, `read` reads it; `meta` is the node's metadata, whose
+/// dirty set gets the ranges of an untrusted journal's records (they are resynced with the
+/// activity log's extents). Trusted: the superblock says active, it was written in this
+/// boot, this node crashed as primary, and the scan ends cleanly.
+pub fn open(
+    sb: Option<&Superblock>,
+    file_len: u64,
+    read: &mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
+    meta: &mut crate::meta::Metadata,
+    cfg: &JournalConfig,
+) -> Opening {
+    use crate::meta::{FLAG_CLEAN, FLAG_CRASHED_PRIMARY, FLAG_PEER_NEEDS_FULL_SYNC};
+    let cap = cfg.capacity();
+    let Some(sb) = sb else {
+        return Opening {
+            start: Default::default(),
+            redo: Vec::new(),
+            report: format!("new ({cap} bytes of ring)"),
+        };
+    };
+    let scan = scan(sb, file_len, read);
+    let crashed = meta.has(FLAG_CRASHED_PRIMARY)
+        || meta.role == crate::types::Role::Primary && !meta.has(FLAG_CLEAN);
+    let same_boot = sb.boot_id == cfg.boot_id;
+    let trusted = sb.active
+        && same_boot
+        && crashed
+        && !meta.has(FLAG_PEER_NEEDS_FULL_SYNC)
+        && scan.torn.is_none()
+        && sb.capacity == cap;
+    let bytes: u64 = scan.items.iter().map(|i| i.payload_len()).sum();
+    let mut report = format!(
+        "{} records ({bytes} bytes of data) after sequence {}",
+        scan.items.len(),
+        sb.head_prev
+    );
+    if let Some(t) = &scan.torn {
+        report += &format!("; torn tail: {t} (cut at the last whole record)");
+    }
+    if trusted && !scan.items.is_empty() {
+        report += &format!(
+            "; redone on the backing, shipped again at the next promote (sequences {} to {})",
+            sb.head_prev + 1,
+            scan.last_seq
+        );
+        return Opening {
+            start: crate::journaling::JournalStart {
+                sb_counter: sb.counter,
+                disk_active: true,
+                head: sb.head,
+                head_prev: sb.head_prev,
+                tail: scan.tail,
+                last_seq: scan.last_seq,
+                replay: Some((scan.items.clone(), scan.records)),
+            },
+            redo: scan.items,
+            report,
+        };
+    }
+    if crashed && !scan.items.is_empty() {
+        for it in &scan.items {
+            if let Some((s, e)) = it.range() {
+                if !matches!(it.kind, ItemKind::Verify { .. }) {
+                    meta.dirty.insert(s, e.min(meta.volume_size));
+                }
+            }
+        }
+        report += &format!(
+            "; not replayed ({}): its blocks and the activity log's are resynced",
+            if !sb.active {
+                "it was in bitmap mode"
+            } else if !same_boot {
+                "written before the last reboot: the page cache it relied on is gone"
+            } else if scan.torn.is_some() {
+                "torn tail"
+            } else if sb.capacity != cap {
+                "its size changed"
+            } else {
+                "the metadata asks for a full sync"
+            }
+        );
+    }
+    // A new line of positions beyond every record on disk, so that none of them can ever
+    // pass for a new one.
+    let fresh = (sb.head + 2 * sb.capacity.max(cap)).div_ceil(cap) * cap;
+    Opening {
+        start: crate::journaling::JournalStart {
+            sb_counter: sb.counter,
+            disk_active: sb.active,
+            head: sb.head,
+            head_prev: sb.head_prev,
+            tail: fresh,
+            last_seq: 0,
+            replay: None,
+        },
+        redo: Vec::new(),
+        report,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

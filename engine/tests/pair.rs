@@ -408,52 +408,33 @@ impl Pair {
         };
         let (sb, _) =
             journal::Superblock::pick(&jbytes[..journal::DATA_START as usize]).expect("superblock");
-        let scan = journal::scan(&sb, size, &mut |at, len| {
-            let at = at as usize;
-            Ok(jbytes[at.min(jbytes.len())..(at + len).min(jbytes.len())].to_vec())
-        });
-        let crashed = meta.role == Role::Primary;
-        let trusted = sb.active && crashed && scan.torn.is_none();
-        let torn = scan.torn.clone();
-        let start = if trusted && !scan.items.is_empty() {
-            for it in &scan.items {
-                match &it.kind {
-                    msg::ItemKind::Write { offset, data, .. } => n.disk
-                        [*offset as usize..*offset as usize + data.len()]
-                        .copy_from_slice(data),
-                    msg::ItemKind::WriteZeroes { offset, len, .. }
-                    | msg::ItemKind::Trim { offset, len } => {
-                        n.disk[*offset as usize..(*offset + *len) as usize].fill(0)
-                    }
-                    _ => {}
+        let opening = journal::open(
+            Some(&sb),
+            size,
+            &mut |at, len| {
+                let at = at as usize;
+                Ok(jbytes[at.min(jbytes.len())..(at + len).min(jbytes.len())].to_vec())
+            },
+            &mut meta,
+            &jcfg,
+        );
+        let torn = opening
+            .report
+            .contains("torn")
+            .then(|| opening.report.clone());
+        for it in &opening.redo {
+            match &it.kind {
+                msg::ItemKind::Write { offset, data, .. } => {
+                    n.disk[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
                 }
-            }
-            JournalStart {
-                sb_counter: sb.counter,
-                disk_active: true,
-                head: sb.head,
-                head_prev: sb.head_prev,
-                tail: scan.tail,
-                last_seq: scan.last_seq,
-                replay: Some((scan.items, scan.records)),
-            }
-        } else {
-            for it in &scan.items {
-                if let Some((s, e)) = it.range() {
-                    meta.dirty.insert(s, e);
+                msg::ItemKind::WriteZeroes { offset, len, .. }
+                | msg::ItemKind::Trim { offset, len } => {
+                    n.disk[*offset as usize..(*offset + *len) as usize].fill(0)
                 }
+                _ => {}
             }
-            let cap = jcfg.capacity();
-            JournalStart {
-                sb_counter: sb.counter,
-                disk_active: sb.active,
-                head: sb.head,
-                head_prev: sb.head_prev,
-                tail: (sb.head + 2 * cap).div_ceil(cap) * cap,
-                last_seq: 0,
-                replay: None,
-            }
-        };
+        }
+        let start = opening.start;
         n.journal = Some(jbytes);
         n.vol = Volume::new(cfg, meta);
         n.vol.attach_journal(jcfg, start);

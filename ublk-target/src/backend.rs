@@ -168,8 +168,14 @@ pub enum DiskIo {
         offset: u64,
         done: usize,
         fua: bool,
-        /// To the journal instead of the backing.
-        journal: bool,
+    },
+    /// A journal record, written from its parts (no copy on the event loop: the kernel's
+    /// worker copies them into the page cache).
+    JournalV {
+        parts: Vec<Bytes>,
+        iov: Vec<libc::iovec>,
+        offset: u64,
+        done: usize,
     },
     /// fallocate; `mode` changes when falling back from punching to zeroing.
     Fallocate {
@@ -234,15 +240,13 @@ impl DiskIo {
                     offset,
                     done: 0,
                     fua,
-                    journal: false,
                 }
             }
-            DiskKind::JournalWrite { pos, parts } => DiskIo::Write {
-                data: Bytes::from(parts.concat()),
+            DiskKind::JournalWrite { pos, parts } => DiskIo::JournalV {
+                parts,
+                iov: Vec::new(),
                 offset: pos,
                 done: 0,
-                fua: false,
-                journal: true,
             },
             DiskKind::WriteZeroes { offset, len, fua } => DiskIo::Fallocate {
                 offset,
@@ -286,13 +290,34 @@ impl DiskIo {
                 offset,
                 done,
                 fua,
-                journal,
             } => {
                 let rest = &data[*done..];
-                let fd = if *journal { journal_fd } else { backing };
-                opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
+                opcode::Write::new(types::Fd(backing), rest.as_ptr(), rest.len() as u32)
                     .offset(*offset + *done as u64)
                     .rw_flags(if *fua { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            }
+            DiskIo::JournalV {
+                parts,
+                iov,
+                offset,
+                done,
+            } => {
+                iov.clear();
+                let mut skip = *done;
+                for p in parts.iter() {
+                    if skip >= p.len() {
+                        skip -= p.len();
+                        continue;
+                    }
+                    iov.push(libc::iovec {
+                        iov_base: p[skip..].as_ptr() as *mut libc::c_void,
+                        iov_len: p.len() - skip,
+                    });
+                    skip = 0;
+                }
+                opcode::Writev::new(types::Fd(journal_fd), iov.as_ptr(), iov.len() as u32)
+                    .offset(*offset + *done as u64)
                     .build()
             }
             DiskIo::Fallocate {
@@ -361,6 +386,20 @@ impl DiskIo {
                 }
                 *done += res as usize;
                 if *done < data.len() {
+                    Step::Again
+                } else {
+                    Step::Done(Ok(None))
+                }
+            }
+            DiskIo::JournalV { parts, done, .. } => {
+                if res < 0 {
+                    return err(res);
+                }
+                if res == 0 {
+                    return Step::Done(Err(IoError::Io));
+                }
+                *done += res as usize;
+                if *done < parts.iter().map(|p| p.len()).sum::<usize>() {
                     Step::Again
                 } else {
                     Step::Done(Ok(None))

@@ -69,6 +69,9 @@ pub struct Identity {
 }
 
 const RING_ENTRIES: u32 = 1024;
+/// Journal records smaller than this are written inline at the end of a loop iteration;
+/// larger ones go through the ring (an io-wq worker copies them).
+const INLINE_JOURNAL: usize = 64 << 10;
 const TICK_NS: u32 = 100_000_000;
 /// The engine's clock is refreshed at least this often while the loop is busy.
 const CLOCK_RESOLUTION_NS: u64 = 1_000_000;
@@ -170,9 +173,8 @@ pub struct Loop {
     meta: MetaArea,
     _journal: Option<std::fs::File>,
     journal_fd: RawFd,
-    /// Journal writes done inline, their completions due to the engine.
-    journal_done: std::collections::VecDeque<(OpId, Result<Option<bytes::Bytes>, IoError>)>,
-    draining_journal: bool,
+    /// Small journal records waiting for the end of the loop iteration.
+    journal_pending: Vec<(OpId, u64, Vec<bytes::Bytes>)>,
     ops: Vec<Option<Op>>,
     free_ops: Vec<usize>,
     nbd: Vec<Option<NbdConn>>,
@@ -217,8 +219,7 @@ impl Loop {
             meta,
             journal_fd: journal.as_ref().map_or(-1, |f| f.as_raw_fd()),
             _journal: journal,
-            journal_done: Default::default(),
-            draining_journal: false,
+            journal_pending: Vec::new(),
             ops: Vec::new(),
             free_ops: Vec::new(),
             nbd: Vec::new(),
@@ -250,6 +251,7 @@ impl Loop {
         let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize);
         let mut stopped_at: Option<Instant> = None;
         loop {
+            self.flush_journal();
             self.flush_sends();
             if self.vol.is_stopped() {
                 // Give the goodbye a moment to leave, but never hang on a stalled peer.
@@ -371,20 +373,40 @@ impl Loop {
     // ------------------------------------------------------------ engine
 
     /// Hand one input to the engine and carry out what it says.
-    fn feed(&mut self, input: Input) {
-        self.feed_one(input);
-        // Completions of inline journal writes, fed in a loop (not recursively: a burst
-        // of records must not deepen the stack).
-        if !self.draining_journal {
-            self.draining_journal = true;
-            while let Some((op, result)) = self.journal_done.pop_front() {
-                self.feed_one(Input::DiskDone { op, result });
+    /// Write the small journal records of this loop iteration: contiguous ones in one
+    /// pwritev each (to the page cache: the journal is trusted after a crash of the
+    /// daemon, not a power loss; a syscall here costs less than a trip through the ring
+    /// and the io-wq worker a buffered write is punted to). Their completions may bring
+    /// more records; those are written too before the ring is entered again.
+    fn flush_journal(&mut self) {
+        while !self.journal_pending.is_empty() {
+            let batch = std::mem::take(&mut self.journal_pending);
+            let mut done = Vec::with_capacity(batch.len());
+            let mut i = 0;
+            while i < batch.len() {
+                let mut j = i + 1;
+                let mut end = batch[i].1 + batch[i].2.iter().map(|p| p.len() as u64).sum::<u64>();
+                while j < batch.len() && batch[j].1 == end && j - i < 256 {
+                    end += batch[j].2.iter().map(|p| p.len() as u64).sum::<u64>();
+                    j += 1;
+                }
+                let parts: Vec<&bytes::Bytes> = batch[i..j].iter().flat_map(|b| &b.2).collect();
+                let result = pwritev_all(self.journal_fd, &parts, batch[i].1).map_err(|e| {
+                    tracing::error!("journal write at {}: {e}", batch[i].1);
+                    IoError::from_errno(e.raw_os_error().unwrap_or(libc::EIO))
+                });
+                for b in &batch[i..j] {
+                    done.push((b.0, result.map(|_| None)));
+                }
+                i = j;
             }
-            self.draining_journal = false;
+            for (op, result) in done {
+                self.feed(Input::DiskDone { op, result });
+            }
         }
     }
 
-    fn feed_one(&mut self, input: Input) {
+    fn feed(&mut self, input: Input) {
         let mut outs = std::mem::take(&mut self.outs);
         self.vol.handle(input, &mut outs);
         for o in outs.drain(..) {
@@ -402,19 +424,10 @@ impl Loop {
             Output::Disk(DiskOp {
                 op,
                 kind: DiskKind::JournalWrite { pos, parts },
-            }) => {
-                // Journal records go to the page cache (the journal is trusted after a
-                // daemon crash, not a power loss: no O_DIRECT, no fsync): a plain pwritev
-                // here costs a memory copy, less than a trip through the ring and the
-                // io-wq worker a buffered write would be punted to.
-                let result = match self.journal_fd {
-                    -1 => Err(IoError::Io),
-                    fd => pwritev_all(fd, &parts, pos).map(|_| None).map_err(|e| {
-                        tracing::error!("journal write at {pos}: {e}");
-                        IoError::from_errno(e.raw_os_error().unwrap_or(libc::EIO))
-                    }),
-                };
-                self.journal_done.push_back((op, result));
+            }) if parts.iter().map(|p| p.len()).sum::<usize>() < INLINE_JOURNAL => {
+                // A small journal record: written with the others of this loop iteration
+                // in one pwritev at its end (see `flush_journal`).
+                self.journal_pending.push((op, pos, parts));
             }
             Output::Disk(d) => match DiskIo::new(d.kind, &self.meta) {
                 Ok(io) => {
@@ -1004,7 +1017,7 @@ pub fn random_u64() -> u64 {
 }
 
 /// Write `parts` back to back at `pos` of `fd`, resuming after short writes.
-fn pwritev_all(fd: RawFd, parts: &[bytes::Bytes], mut pos: u64) -> std::io::Result<()> {
+fn pwritev_all(fd: RawFd, parts: &[&bytes::Bytes], mut pos: u64) -> std::io::Result<()> {
     let mut skip = 0usize; // bytes of the parts already written
     loop {
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len());

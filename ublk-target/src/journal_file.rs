@@ -5,9 +5,9 @@
 
 use anyhow::Context;
 use blkrep_engine::journal::{self, JournalConfig, JournalError, Superblock};
-use blkrep_engine::meta::{Metadata, FLAG_CLEAN, FLAG_CRASHED_PRIMARY, FLAG_PEER_NEEDS_FULL_SYNC};
+use blkrep_engine::meta::Metadata;
 use blkrep_engine::msg::ItemKind;
-use blkrep_engine::{JournalStart, Role};
+use blkrep_engine::JournalStart;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -71,7 +71,6 @@ pub fn open(
         size,
         boot_id: boot_id(),
     };
-    let cap = cfg.capacity();
     let mut area = vec![0u8; journal::DATA_START as usize];
     let n = file.read_at(&mut area, 0).unwrap_or(0);
     area.truncate(n);
@@ -94,108 +93,32 @@ pub fn open(
         file.set_len(size)
             .with_context(|| format!("journal {}: extending to {size} bytes", path.display()))?;
     }
-    let Some(sb) = sb else {
-        return Ok(Opened {
-            file,
-            cfg,
-            start: JournalStart::default(),
-            report: format!("journal {}: new ({cap} bytes of ring)", path.display()),
-        });
-    };
-    let scan = journal::scan(&sb, file_len, &mut |at, len| {
-        let mut b = vec![0u8; len];
-        let mut got = 0;
-        while got < len {
-            match file.read_at(&mut b[got..], at + got as u64)? {
-                0 => break,
-                k => got += k,
-            }
-        }
-        b.truncate(got);
-        Ok(b)
-    });
-    let crashed =
-        meta.has(FLAG_CRASHED_PRIMARY) || meta.role == Role::Primary && !meta.has(FLAG_CLEAN);
-    let same_boot = sb.boot_id == cfg.boot_id;
-    let trusted = sb.active
-        && same_boot
-        && crashed
-        && !meta.has(FLAG_PEER_NEEDS_FULL_SYNC)
-        && scan.torn.is_none()
-        && sb.capacity == cap;
-    let bytes: u64 = scan.items.iter().map(|i| i.payload_len()).sum();
-    let mut report = format!(
-        "journal {}: {} records ({bytes} bytes of data) after sequence {}",
-        path.display(),
-        scan.items.len(),
-        sb.head_prev
-    );
-    if let Some(t) = &scan.torn {
-        report += &format!("; torn tail: {t} (cut at the last whole record)");
-    }
-    if trusted && !scan.items.is_empty() {
-        redo(backing, &scan.items).context("redoing the journal on the backing")?;
-        report += &format!(
-            "; redone on the backing, shipped again at the next promote (sequences {} to {})",
-            sb.head_prev + 1,
-            scan.last_seq
-        );
-        let start = JournalStart {
-            sb_counter: sb.counter,
-            disk_active: true,
-            head: sb.head,
-            head_prev: sb.head_prev,
-            tail: scan.tail,
-            last_seq: scan.last_seq,
-            replay: Some((scan.items, scan.records)),
-        };
-        return Ok(Opened {
-            file,
-            cfg,
-            start,
-            report,
-        });
-    }
-    if crashed && !scan.items.is_empty() {
-        // Not trusted: the blocks it names are resynced, with the activity log's.
-        for it in &scan.items {
-            if let Some((s, e)) = it.range() {
-                if !matches!(it.kind, ItemKind::Verify { .. }) {
-                    meta.dirty.insert(s, e.min(meta.volume_size));
+    let opening = journal::open(
+        sb.as_ref(),
+        file_len,
+        &mut |at, len| {
+            let mut b = vec![0u8; len];
+            let mut got = 0;
+            while got < len {
+                match file.read_at(&mut b[got..], at + got as u64)? {
+                    0 => break,
+                    k => got += k,
                 }
             }
-        }
-        report += &format!(
-            "; not replayed ({}): its blocks and the activity log's are resynced",
-            if !sb.active {
-                "it was in bitmap mode".to_string()
-            } else if !same_boot {
-                "written before the last reboot: the page cache it relied on is gone".into()
-            } else if scan.torn.is_some() {
-                "torn tail".into()
-            } else if sb.capacity != cap {
-                "its size changed".into()
-            } else {
-                "the metadata asks for a full sync".into()
-            }
-        );
+            b.truncate(got);
+            Ok(b)
+        },
+        meta,
+        &cfg,
+    );
+    if !opening.redo.is_empty() {
+        redo(backing, &opening.redo).context("redoing the journal on the backing")?;
     }
-    // Start a new line of positions beyond every record on disk, so that none of them
-    // can ever pass for a new one.
-    let fresh = (sb.head + 2 * sb.capacity.max(cap)).div_ceil(cap) * cap;
     Ok(Opened {
         file,
         cfg,
-        start: JournalStart {
-            sb_counter: sb.counter,
-            disk_active: sb.active,
-            head: sb.head,
-            head_prev: sb.head_prev,
-            tail: fresh,
-            last_seq: 0,
-            replay: None,
-        },
-        report,
+        start: opening.start,
+        report: format!("journal {}: {}", path.display(), opening.report),
     })
 }
 
