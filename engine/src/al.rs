@@ -29,6 +29,12 @@ impl Volume {
         if start < end {
             self.dirty.insert(start, end.min(self.cfg.volume_size));
             self.dirty_gen += 1;
+            // A resync item over these blocks no longer covers them: its durable ack must
+            // not take them out of the dirty set again (sim seed 375).
+            if !self.resync_items.is_empty() {
+                self.resync_items
+                    .retain(|_, (s, e)| !(*s < end && start < *e));
+            }
         }
     }
 

@@ -25,17 +25,21 @@ pub enum Bug {
     /// A planned promote takes effect at once, on the node's possibly stale view of its
     /// peer, without the peer's confirmation (the road to a split brain).
     PromoteUnconfirmed = 1 << 5,
+    /// A write reaches the local disk and the wire without waiting for its journal
+    /// record: a kill of the daemon leaves a journal that lacks it, trusted all the same.
+    JournalSkipGate = 1 << 6,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 7] = [
         Bug::ApplyOutOfOrder,
         Bug::SyncAckBeforePeer,
         Bug::FlushAckBeforeDurable,
         Bug::DropWhileDisconnected,
         Bug::SkipActivityLog,
         Bug::PromoteUnconfirmed,
+        Bug::JournalSkipGate,
     ];
 
     /// The name used on command lines.
@@ -47,6 +51,7 @@ impl Bug {
             Bug::DropWhileDisconnected => "drop-while-disconnected",
             Bug::SkipActivityLog => "skip-activity-log",
             Bug::PromoteUnconfirmed => "promote-unconfirmed",
+            Bug::JournalSkipGate => "journal-skip-gate",
         }
     }
 

@@ -103,6 +103,13 @@ impl Volume {
             ));
         }
         self.split_brain = false;
+        if peer_role == Role::Primary {
+            // Tell a primary where this node stands on every hello from it, even if that
+            // did not move: a new primary releases what it resends from its journal on
+            // this ack (an ack sent while it was still being promoted went unheard; sim
+            // seed 1787).
+            self.last_ack = (Seq::MAX, Seq::MAX);
+        }
         self.peer = Some(h);
         if first {
             self.connects += 1;
@@ -154,6 +161,7 @@ impl Volume {
                 self.streaming = false;
                 self.queue.clear();
                 self.queue_bytes = 0;
+                self.journal_release_all();
             }
             (Role::Secondary, Role::Secondary) => {}
         }

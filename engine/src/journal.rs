@@ -519,7 +519,8 @@ pub struct Opening {
     /// Hand to [`crate::Volume::attach_journal`].
     pub start: crate::journaling::JournalStart,
     /// Items to write to the backing, in order, then sync, before anything else touches
-    /// it (a trusted journal's live records).
+    /// it (a trusted journal's live records) — after the metadata, whose dirty set now
+    /// names their blocks, is written.
     pub redo: Vec<StreamItem>,
     /// One line for the log: what was found and what is done with it.
     pub report: String,
@@ -537,7 +538,9 @@ pub fn open(
     meta: &mut crate::meta::Metadata,
     cfg: &JournalConfig,
 ) -> Opening {
-    use crate::meta::{FLAG_CLEAN, FLAG_CRASHED_PRIMARY, FLAG_PEER_NEEDS_FULL_SYNC};
+    use crate::meta::{
+        FLAG_CLEAN, FLAG_CRASHED_PRIMARY, FLAG_JOURNAL_FAILED, FLAG_PEER_NEEDS_FULL_SYNC,
+    };
     let cap = cfg.capacity();
     let Some(sb) = sb else {
         return Opening {
@@ -554,6 +557,7 @@ pub fn open(
         && same_boot
         && crashed
         && !meta.has(FLAG_PEER_NEEDS_FULL_SYNC)
+        && !meta.has(FLAG_JOURNAL_FAILED)
         && scan.torn.is_none()
         && sb.capacity == cap;
     let bytes: u64 = scan.items.iter().map(|i| i.payload_len()).sum();
@@ -564,6 +568,20 @@ pub fn open(
     );
     if let Some(t) = &scan.torn {
         report += &format!("; torn tail: {t} (cut at the last whole record)");
+    }
+    if crashed && !scan.items.is_empty() {
+        // The records' blocks join the dirty set in every case: a trusted journal is redone
+        // on the backing at once, but replayed only if this node becomes primary again; if
+        // its peer takes over instead, these blocks are what it must send back. (A record
+        // may precede its activity-log extent; sim seed 2515.) The caller persists the
+        // metadata before it redoes anything.
+        for it in &scan.items {
+            if let Some((s, e)) = it.range() {
+                if !matches!(it.kind, ItemKind::Verify { .. }) {
+                    meta.dirty.insert(s, e.min(meta.volume_size));
+                }
+            }
+        }
     }
     if trusted && !scan.items.is_empty() {
         report += &format!(
@@ -586,16 +604,11 @@ pub fn open(
         };
     }
     if crashed && !scan.items.is_empty() {
-        for it in &scan.items {
-            if let Some((s, e)) = it.range() {
-                if !matches!(it.kind, ItemKind::Verify { .. }) {
-                    meta.dirty.insert(s, e.min(meta.volume_size));
-                }
-            }
-        }
         report += &format!(
             "; not replayed ({}): its blocks and the activity log's are resynced",
-            if !sb.active {
+            if meta.has(FLAG_JOURNAL_FAILED) {
+                "the journal failed before the crash"
+            } else if !sb.active {
                 "it was in bitmap mode"
             } else if !same_boot {
                 "written before the last reboot: the page cache it relied on is gone"

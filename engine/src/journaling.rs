@@ -69,6 +69,8 @@ pub(crate) struct Journal {
     pub disk_head: u64,
     pub disk_active: bool,
     pub failed: bool,
+    /// The metadata records the failure (writes without a record may go on).
+    pub failure_recorded: bool,
     pub replay: Option<Vec<StreamItem>>,
     pub appended: u64,
     pub overflows: u64,
@@ -107,6 +109,7 @@ impl Volume {
             disk_head: start.head,
             disk_active: start.disk_active,
             failed: false,
+            failure_recorded: false,
             replay,
             appended: 0,
             overflows: 0,
@@ -217,6 +220,10 @@ impl Volume {
         j.pending.clear();
         j.waiting.clear();
         j.replay = None;
+        // The device may not take a superblock any more: the metadata records that the
+        // journal is not to be trusted, and writes without a record wait for that.
+        self.meta.set(crate::meta::FLAG_JOURNAL_FAILED, true);
+        self.persist_meta();
         self.event(
             "journal",
             format!(
@@ -230,14 +237,25 @@ impl Volume {
         }
     }
 
+    /// A metadata write recording the journal's failure completed.
+    pub(crate) fn journal_failure_recorded(&mut self) {
+        if let Some(j) = self.journal.as_mut().filter(|j| j.failed) {
+            j.failure_recorded = true;
+            self.unblock();
+        }
+    }
+
     /// May the local write of client item `seq` be issued? Its record and every earlier
     /// one must be written; a write without a record needs an inactive journal on disk.
     pub(crate) fn journal_gate(&self, seq: Seq) -> bool {
         let Some(j) = self.journal.as_ref() else {
             return true;
         };
-        if j.failed {
+        if crate::bugs::on(crate::bugs::Bug::JournalSkipGate) {
             return true;
+        }
+        if j.failed {
+            return j.failure_recorded;
         }
         if j.pending.range(..=seq).next().is_some() {
             return false;
@@ -250,9 +268,11 @@ impl Volume {
 
     /// May queue item `seq` be shipped? Every record up to it must be written.
     pub(crate) fn journal_ship_gate(&self, seq: Seq) -> bool {
-        self.journal
-            .as_ref()
-            .is_none_or(|j| j.failed || j.pending.range(..=seq).next().is_none())
+        self.journal.as_ref().is_none_or(|j| {
+            j.failed && j.failure_recorded
+                || crate::bugs::on(crate::bugs::Bug::JournalSkipGate)
+                || !j.failed && j.pending.range(..=seq).next().is_none()
+        })
     }
 
     /// Release records the peer holds durably and the local disk has: the head moves.
@@ -358,6 +378,12 @@ impl Volume {
         }
         j.disk_head = head;
         j.disk_active = active;
+        if !j.failed && self.meta.has(crate::meta::FLAG_JOURNAL_FAILED) {
+            // This run's superblock is on the device: the old contents can no longer pass
+            // for trusted, the failure flag has done its job.
+            self.meta.set(crate::meta::FLAG_JOURNAL_FAILED, false);
+            self.persist_meta();
+        }
         // Room may have appeared for the items waiting.
         while let Some(item) = self
             .journal
@@ -383,6 +409,16 @@ impl Volume {
             .is_some_and(|j| j.replay.is_some() && !self.crashed_primary)
         {
             // This node was synced from its peer meanwhile: the replay is stale.
+            self.journal_release_all();
+        }
+        // Records live only on a primary (or as a crash's replay): a node that is not
+        // primary has nothing of its own to ship.
+        if self.role != Role::Primary
+            && self
+                .journal
+                .as_ref()
+                .is_some_and(|j| j.replay.is_none() && (!j.records.is_empty() || j.head != j.tail))
+        {
             self.journal_release_all();
         }
         self.journal_release();

@@ -45,6 +45,9 @@ pub const FLAG_PEER_NEEDS_FULL_SYNC: u32 = 1 << 1;
 /// Flag: this node crashed while primary and has not been resynced or promoted since: its
 /// image may hold writes its peer never received (it must not be resumed by sequence).
 pub const FLAG_CRASHED_PRIMARY: u32 = 1 << 2;
+/// Flag: the journal device failed during the last run: whatever it holds is stale and
+/// never trusted. Cleared once this run's first journal superblock is written.
+pub const FLAG_JOURNAL_FAILED: u32 = 1 << 3;
 
 /// Errors reading a metadata area.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

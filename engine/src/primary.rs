@@ -78,7 +78,11 @@ impl Volume {
             });
             return;
         }
-        if !self.stalled.is_empty() || self.queue_full() || self.behind_resync_read(&input) {
+        if !self.stalled.is_empty()
+            || self.queue_full()
+            || self.role_meta_after.is_some()
+            || self.behind_resync_read(&input)
+        {
             self.stalled.push_back(input);
             return;
         }
@@ -480,7 +484,9 @@ impl Volume {
             return;
         }
         while let Some(front) = self.stalled.front() {
-            if self.queue_full() || self.behind_resync_read(front) {
+            // A new primary takes writes once its role is on disk (see `role_meta_after`).
+            if self.queue_full() || self.role_meta_after.is_some() || self.behind_resync_read(front)
+            {
                 break;
             }
             let i = self.stalled.pop_front().expect("non-empty");
@@ -599,7 +605,7 @@ impl Volume {
 
     /// Begin or resume shipping to a secondary peer whose `Hello` we hold.
     pub(crate) fn start_streaming(&mut self) {
-        if self.streaming || self.role != Role::Primary {
+        if self.streaming || self.role != Role::Primary || self.role_meta_after.is_some() {
             return;
         }
         let Some(peer) = self.peer.clone() else {
@@ -614,9 +620,13 @@ impl Volume {
         // dirty sets; one that never held data (generation 0) or lost its disk lacks all.
         let same_line = peer.generation == self.meta.generation
             || Some(peer.generation) == self.bumped_from && peer.generation != 0;
+        // An Inconsistent peer under checksum full sync: the blocks still to compare were
+        // known only to the interrupted pass (this node may have restarted since), so the
+        // comparison starts again — it reads, it does not copy (sim seed 1902).
         let full = peer.disk_state == DiskState::Failed
             || peer.generation == 0
-            || !same_line && self.relation != Some(Relation::PeerBehind);
+            || !same_line && self.relation != Some(Relation::PeerBehind)
+            || peer.disk_state == DiskState::Inconsistent && self.cfg.checksum_full_sync;
         self.gen_shared = true;
         if !full && same_line && !peer.needs_full_sync && peer.applied_seq > self.last_seq {
             self.refuse(format!(

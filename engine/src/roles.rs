@@ -332,6 +332,7 @@ impl Volume {
             self.bumped_from = self.meta.history.first().copied().filter(|&g| g != 0);
         }
         self.meta.set(FLAG_CLEAN, false);
+        self.role_meta_after = Some(self.meta.counter);
         self.persist_meta();
         let msg = format!(
             "promoted to primary by operator{}",
@@ -416,6 +417,7 @@ impl Volume {
             self.gen_shared = true;
             self.bumped_from = None;
             self.meta.set(FLAG_CLEAN, false);
+            self.role_meta_after = Some(self.meta.counter);
             self.persist_meta();
             let msg = format!(
                 "promoted to primary without the peer after a crash of this node: its journal \
@@ -440,10 +442,12 @@ impl Volume {
         self.streaming = false;
         self.queue.clear();
         self.queue_bytes = 0;
+        self.journal_release_all();
         self.crashed_primary = false;
         self.gen_shared = false;
         self.bumped_from = None;
         self.meta.set(FLAG_CLEAN, false);
+        self.role_meta_after = Some(self.meta.counter);
         self.persist_meta();
         let msg = format!(
             "forced takeover: promoted to primary without the peer; new generation {:016x} \
@@ -531,9 +535,14 @@ impl Volume {
             ));
         }
         self.role = Role::Secondary;
+        self.role_meta_after = None;
+        // The blocks of an abandoned resync stay dirty until a new one moves them.
+        self.resync_items.clear();
         // Shipping is a primary's job: what the peer lacks it gets from the next primary.
         self.streaming = false;
         if self.resync.take().is_some() {
+            // A checksum full sync's comparison pass goes with it (sim seed 4864).
+            self.abort_verify("the full sync was abandoned by a demote");
             self.event(
                 "resync",
                 "full sync abandoned by the demote: the peer stays Inconsistent until the next \

@@ -282,6 +282,10 @@ pub(crate) enum Purpose {
     Meta {
         applied: Seq,
         disk_state: DiskState,
+        /// The write records that the journal failed.
+        journal_failed: bool,
+        /// The metadata's update counter in this write.
+        counter: u64,
     },
     /// The flush a node makes before it takes the primary role.
     PromoteFlush,
@@ -513,6 +517,11 @@ pub struct Volume {
     pub(crate) flushes: u64,
     /// The primary's persistent journal, when configured ([`Volume::attach_journal`]).
     pub(crate) journal: Option<crate::journaling::Journal>,
+    /// A new primary waits for a metadata write with a counter above this one (the one
+    /// recording its role and disk state) before it streams to its peer: a resync must
+    /// never make the peer Inconsistent while this node's own claim to the data could
+    /// still be lost with a crash (sim seed 5394).
+    pub(crate) role_meta_after: Option<u64>,
 }
 
 impl Volume {
@@ -614,6 +623,7 @@ impl Volume {
             bytes_read: 0,
             flushes: 0,
             journal: None,
+            role_meta_after: None,
             meta,
         }
     }
@@ -866,10 +876,13 @@ impl Volume {
         self.meta_in_flight = true;
         let applied = self.meta.applied_seq;
         let disk_state = self.meta.disk_state;
+        let journal_failed = self.meta.has(crate::meta::FLAG_JOURNAL_FAILED);
         self.issue(
             Purpose::Meta {
                 applied,
                 disk_state,
+                journal_failed,
+                counter: self.meta.counter,
             },
             DiskKind::WriteMeta(self.meta.clone()),
         );
@@ -910,11 +923,22 @@ impl Volume {
             Purpose::Meta {
                 applied,
                 disk_state,
+                journal_failed,
+                counter,
             } => {
                 self.meta_in_flight = false;
                 let snapshot = self.meta_snapshot.take();
                 match result {
                     Ok(_) => {
+                        if self.role_meta_after.is_some_and(|c| counter > c) {
+                            // The new role is on disk: the peer may be streamed to (and
+                            // resynced) now.
+                            self.role_meta_after = None;
+                            self.start_streaming();
+                        }
+                        if journal_failed {
+                            self.journal_failure_recorded();
+                        }
                         if let Some((hot, seq, gen)) = snapshot {
                             self.hot_persisted = hot;
                             self.dirty_persisted_seq = self.dirty_persisted_seq.max(seq);

@@ -21,6 +21,10 @@ pub struct SimConfig {
     pub liveness_ns: u64,
     /// Connections the liveness phase may need before it counts as a livelock.
     pub max_liveness_connects: u64,
+    /// Size of each node's journal (0: none). A quarter of the seeds run with one, small
+    /// enough to overflow and wrap; their crashes are half power losses, half kills of
+    /// the daemon (the page cache survives and the journal is replayed).
+    pub journal_size: u64,
 }
 
 impl SimConfig {
@@ -38,6 +42,11 @@ impl SimConfig {
             },
             liveness_ns: 300_000_000_000,
             max_liveness_connects: 8,
+            journal_size: match seed % 8 {
+                3 => 8192 + (64 << 10),
+                7 => 8192 + (512 << 10),
+                _ => 0,
+            },
         }
     }
 }

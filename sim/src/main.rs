@@ -184,6 +184,8 @@ fn add(t: &mut Stats, s: &Stats) {
     t.read_checks += s.read_checks;
     t.sync_loss_checks += s.sync_loss_checks;
     t.durability_checks += s.durability_checks;
+    t.kills += s.kills;
+    t.journal_replays += s.journal_replays;
     t.liveness_seconds += s.liveness_seconds;
     t.liveness_connects += s.liveness_connects;
 }
@@ -248,8 +250,8 @@ fn many(from: u64, count: u64, deadline: Option<Instant>, a: &Args) -> ExitCode 
         );
         let t = &s.totals;
         println!(
-            "  covered: {} writes, {} reads, {} flushes, {} crashes, {} clean restarts, {} partitions, {} resets, {} stalls, {} corrupted frames, {} disk errors, {} connects, {} promotes ({} refused), {} demotes, {} resyncs, {} forced takeovers, {} split brains resolved, {} verifies",
-            t.client_writes_ok, t.client_reads_ok, t.flushes_ok, t.crashes, t.clean_restarts, t.partitions, t.resets, t.stalls, t.garbage_frames, t.disk_errors, t.connects, t.promotes_ok, t.promotes_refused, t.demotes_ok, t.full_syncs, t.forced_takeovers, t.split_brains_resolved, t.verifies_completed
+            "  covered: {} writes, {} reads, {} flushes, {} crashes, {} clean restarts, {} partitions, {} resets, {} stalls, {} corrupted frames, {} disk errors, {} connects, {} promotes ({} refused), {} demotes, {} resyncs, {} forced takeovers, {} split brains resolved, {} verifies, {} daemon kills, {} journal replays",
+            t.client_writes_ok, t.client_reads_ok, t.flushes_ok, t.crashes, t.clean_restarts, t.partitions, t.resets, t.stalls, t.garbage_frames, t.disk_errors, t.connects, t.promotes_ok, t.promotes_refused, t.demotes_ok, t.full_syncs, t.forced_takeovers, t.split_brains_resolved, t.verifies_completed, t.kills, t.journal_replays
         );
         println!(
             "  checks: {} replica prefix, {} primary reads, {} sync-loss, {} durability; liveness {:.1} s simulated in all",

@@ -156,6 +156,29 @@ impl MetaArea {
     }
 }
 
+impl MetaArea {
+    /// Write `meta` (its counter one higher) to the other slot, durably, at start-up.
+    pub fn write_sync(&mut self, meta: &mut Metadata) -> Result<(), BackendError> {
+        use std::os::unix::fs::FileExt;
+        meta.counter += 1;
+        let slot = Metadata::next_slot(self.slot);
+        let io = |source| BackendError::MetaIo {
+            path: self.path.clone(),
+            source,
+        };
+        let bytes = meta.encode_slot().map_err(|source| BackendError::Meta {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.file
+            .write_all_at(&bytes, (slot * SLOT_SIZE) as u64)
+            .map_err(io)?;
+        self.file.sync_data().map_err(io)?;
+        self.slot = slot;
+        Ok(())
+    }
+}
+
 /// One disk operation in flight.
 pub enum DiskIo {
     Read {

@@ -46,6 +46,7 @@ pub fn open(
     size: u64,
     resource: &str,
     meta: &mut Metadata,
+    meta_area: &mut crate::backend::MetaArea,
     backing: &Path,
 ) -> anyhow::Result<Opened> {
     let file = OpenOptions::new()
@@ -112,6 +113,10 @@ pub fn open(
         &cfg,
     );
     if !opening.redo.is_empty() {
+        // The metadata names the records' blocks first (see `journal::Opening::redo`).
+        meta_area
+            .write_sync(meta)
+            .context("recording the journal's blocks in the metadata")?;
         redo(backing, &opening.redo).context("redoing the journal on the backing")?;
     }
     Ok(Opened {

@@ -39,12 +39,19 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
             me.backing.display()
         );
     }
-    let (meta_area, mut meta) = MetaArea::open(&me.metadata, name, node, size)?;
+    let (mut meta_area, mut meta) = MetaArea::open(&me.metadata, name, node, size)?;
     // The journal is scanned (and a trusted one redone on the backing) before anything
     // else reads or writes the volume.
     let journal = match &me.journal {
         Some((path, jsize)) => {
-            let j = crate::journal_file::open(path, *jsize, name, &mut meta, &me.backing)?;
+            let j = crate::journal_file::open(
+                path,
+                *jsize,
+                name,
+                &mut meta,
+                &mut meta_area,
+                &me.backing,
+            )?;
             tracing::info!("{}", j.report);
             Some(j)
         }

@@ -55,8 +55,20 @@ impl World {
             return;
         }
         self.stats.crashes += 1;
+        // With a journal, half the crashes are kills of the daemon: the machine (its page
+        // cache) survives, and so does everything the node had written.
+        let power_loss = self.cfg.journal_size == 0 || self.rng.chance(0.5);
+        if !power_loss {
+            self.stats.kills += 1;
+        }
         let was_primary = self.nodes[i].role == Role::Primary;
-        self.log(|| format!("CRASH {} (primary: {was_primary})", NODES[i]));
+        self.log(|| {
+            format!(
+                "{} {} (primary: {was_primary})",
+                if power_loss { "CRASH" } else { "KILL" },
+                NODES[i]
+            )
+        });
         let other = 1 - i;
         // Sync mode: the surviving site holds every write acknowledged under protection.
         if was_primary && self.alive(other) {
@@ -84,6 +96,7 @@ impl World {
         self.protection_gap = true;
         // Power loss: in-flight writes may land in part, unflushed ones may be lost.
         let mut in_flight = Vec::new();
+        let mut journal_in_flight = Vec::new();
         let mut meta_in_flight = None;
         for p in self.nodes[i].ops.values() {
             match &p.kind {
@@ -94,18 +107,53 @@ impl World {
                     in_flight.push((*offset, *len, None))
                 }
                 DiskKind::WriteMeta(m) => meta_in_flight = Some(m.clone()),
+                DiskKind::JournalWrite { pos, parts } => {
+                    let data = parts.concat();
+                    journal_in_flight.push((*pos, data.len() as u64, Some(data)))
+                }
                 _ => {}
             }
         }
         let mut rng = self.rng.fork();
         let n = &mut self.nodes[i];
-        n.disk.crash(&mut rng, &in_flight);
+        if power_loss {
+            n.disk.crash(&mut rng, &in_flight);
+            if let Some(j) = n.journal.as_mut() {
+                j.crash(&mut rng, &journal_in_flight);
+            }
+            n.boot += 1;
+        } else {
+            // A kill: a write in flight lands whole or not at all on the backing (the
+            // device has it or not); a journal write, copied into the page cache in order,
+            // may stop part way.
+            for (offset, len, data) in &in_flight {
+                if rng.chance(0.5) {
+                    n.disk.write(*offset, *len, data.as_deref(), false);
+                }
+            }
+            if let Some(j) = n.journal.as_mut() {
+                for (pos, len, data) in &journal_in_flight {
+                    let k = rng.below(len / SECTOR + 1) * SECTOR;
+                    let d = data.as_ref().expect("journal data");
+                    if k > 0 {
+                        j.write(*pos, k, Some(&d[..k as usize]), false);
+                    }
+                }
+            }
+        }
         if let Some(m) = meta_in_flight {
-            // A torn metadata update: each sector of the slot old or new.
+            // A torn metadata update: each sector of the slot old or new (a kill: a prefix
+            // of its sectors, the order the kernel copies them in).
             let slot = 1 - n.meta_slot;
             let new = m.encode_slot().expect("metadata encodes");
+            let prefix = rng.below(new.len() as u64 / SECTOR + 1) as usize;
             for (k, sec) in new.chunks(SECTOR as usize).enumerate() {
-                if rng.chance(0.5) {
+                let lands = if power_loss {
+                    rng.chance(0.5)
+                } else {
+                    k < prefix
+                };
+                if lands {
                     let at = slot * SLOT_SIZE + k * SECTOR as usize;
                     n.meta[at..at + SECTOR as usize].copy_from_slice(sec);
                 }

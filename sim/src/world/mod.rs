@@ -6,6 +6,7 @@ use crate::config::{Faults, SimConfig};
 use crate::disk::{content, fill_sector, Content, SimDisk, SECTOR};
 use crate::model::{violation, Ops, PrimaryModel, Stream, Violation};
 use crate::rng::Rng;
+use blkrep_engine::journal;
 use blkrep_engine::meta::{Metadata, AREA_SIZE, SLOT_SIZE};
 use blkrep_engine::msg::{ItemKind, Msg};
 use blkrep_engine::{
@@ -112,6 +113,11 @@ struct Node {
     /// target: after a crash now it holds its old image, which the checker's rebased
     /// model no longer describes.
     rebase_pending: bool,
+    /// The primary's journal device (page cache semantics: what a kill of the daemon
+    /// leaves, a power loss may lose).
+    journal: Option<SimDisk>,
+    /// Boots of the node's machine (a power loss starts a new one).
+    boot: u64,
 }
 
 struct Conn {
@@ -154,6 +160,8 @@ pub struct Stats {
     pub read_checks: u64,
     pub sync_loss_checks: u64,
     pub durability_checks: u64,
+    pub kills: u64,
+    pub journal_replays: u64,
     pub liveness_seconds: f64,
     pub liveness_connects: u64,
 }
@@ -219,6 +227,8 @@ impl World {
                 stopping: false,
                 resets_seen: 0,
                 rebase_pending: false,
+                journal: (cfg.journal_size > 0).then(|| SimDisk::new(cfg.journal_size)),
+                boot: 1,
             }
         };
         let mut w = World {
@@ -325,15 +335,77 @@ impl World {
             v.replication_rate = 16 << 20;
             v.resync_rate = 8 << 20;
         }
+        if let Some(j) = self.journal_config(i) {
+            // As the daemon does: the queue holds what the journal holds.
+            v.queue_limit = v.queue_limit.max(j.capacity());
+        }
         v
     }
 
+    fn journal_config(&self, i: usize) -> Option<journal::JournalConfig> {
+        (self.cfg.journal_size > 0).then(|| journal::JournalConfig {
+            size: self.cfg.journal_size,
+            boot_id: (self.nodes[i].boot as u128).to_le_bytes(),
+        })
+    }
+
     fn start_node(&mut self, i: usize) {
-        let (meta, slot) = match Metadata::decode_area(&self.nodes[i].meta) {
+        let (mut meta, mut slot) = match Metadata::decode_area(&self.nodes[i].meta) {
             Ok(x) => x,
             Err(e) => panic!("unreachable: metadata undecodable is checked at restart: {e}"),
         };
-        let vol = Volume::new(self.volume_config(i), meta);
+        // The journal is scanned (and a trusted one redone on the disk) first, as the
+        // daemon does.
+        let mut attach = None;
+        if let (Some(jcfg), Some(jd)) = (self.journal_config(i), self.nodes[i].journal.as_ref()) {
+            let img = jd.image();
+            let sb = journal::Superblock::pick(&img[..journal::DATA_START as usize])
+                .ok()
+                .filter(|(sb, _)| sb.check_identity("sim", self.cfg.volume_size).is_ok())
+                .map(|(sb, _)| sb);
+            let opening = journal::open(
+                sb.as_ref(),
+                img.len() as u64,
+                &mut |at, len| {
+                    let at = at as usize;
+                    Ok(img[at.min(img.len())..(at + len).min(img.len())].to_vec())
+                },
+                &mut meta,
+                &jcfg,
+            );
+            let report = opening.report.clone();
+            self.log(|| format!("{} journal: {report}", NODES[i]));
+            if !opening.redo.is_empty() {
+                // The metadata names the records' blocks before they are redone.
+                meta.counter += 1;
+                slot = 1 - slot;
+                let bytes = meta.encode_slot().expect("metadata encodes");
+                self.nodes[i].meta[slot * SLOT_SIZE..(slot + 1) * SLOT_SIZE]
+                    .copy_from_slice(&bytes);
+            }
+            let d = &mut self.nodes[i].disk;
+            for it in &opening.redo {
+                match &it.kind {
+                    ItemKind::Write { offset, data, .. } => {
+                        d.write(*offset, data.len() as u64, Some(data), false)
+                    }
+                    ItemKind::WriteZeroes { offset, len, .. } | ItemKind::Trim { offset, len } => {
+                        d.write(*offset, *len, None, false)
+                    }
+                    _ => {}
+                }
+            }
+            if !opening.redo.is_empty() {
+                let m = d.flush_marker();
+                d.flush(m);
+                self.stats.journal_replays += 1;
+            }
+            attach = Some((jcfg, opening.start));
+        }
+        let mut vol = Volume::new(self.volume_config(i), meta);
+        if let Some((jcfg, start)) = attach {
+            vol.attach_journal(jcfg, start);
+        }
         let n = &mut self.nodes[i];
         n.meta_slot = slot;
         n.vol = Some(vol);
@@ -589,8 +661,15 @@ impl World {
                     Ok(None)
                 }
             }
-            DiskKind::JournalWrite { .. } => {
-                unreachable!("the simulator configures no journal")
+            DiskKind::JournalWrite { pos, parts } => {
+                if p.fail {
+                    Err(IoError::Io)
+                } else {
+                    let data = parts.concat();
+                    let j = n.journal.as_mut().expect("journal configured");
+                    j.write(pos, data.len() as u64, Some(&data), false);
+                    Ok(None)
+                }
             }
         };
         if p.fail {
