@@ -25,9 +25,9 @@ pub enum Bug {
     /// A planned promote takes effect at once, on the node's possibly stale view of its
     /// peer, without the peer's confirmation (the road to a split brain).
     PromoteUnconfirmed = 1 << 5,
-    /// A write reaches the local disk and the wire without waiting for its journal
-    /// record: a kill of the daemon leaves a journal that lacks it, trusted all the same.
-    JournalSkipGate = 1 << 6,
+    /// A trusted journal is replayed to the peer but not redone on the local disk first:
+    /// writes a kill caught before they reached the disk exist at the peer only.
+    JournalNoRedo = 1 << 6,
 }
 
 impl Bug {
@@ -39,7 +39,7 @@ impl Bug {
         Bug::DropWhileDisconnected,
         Bug::SkipActivityLog,
         Bug::PromoteUnconfirmed,
-        Bug::JournalSkipGate,
+        Bug::JournalNoRedo,
     ];
 
     /// The name used on command lines.
@@ -51,7 +51,7 @@ impl Bug {
             Bug::DropWhileDisconnected => "drop-while-disconnected",
             Bug::SkipActivityLog => "skip-activity-log",
             Bug::PromoteUnconfirmed => "promote-unconfirmed",
-            Bug::JournalSkipGate => "journal-skip-gate",
+            Bug::JournalNoRedo => "journal-no-redo",
         }
     }
 

@@ -599,7 +599,11 @@ pub fn open(
                 last_seq: scan.last_seq,
                 replay: Some((scan.items.clone(), scan.records)),
             },
-            redo: scan.items,
+            redo: if crate::bugs::on(crate::bugs::Bug::JournalNoRedo) {
+                Vec::new()
+            } else {
+                scan.items
+            },
             report,
         };
     }

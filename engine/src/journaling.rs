@@ -251,9 +251,6 @@ impl Volume {
         let Some(j) = self.journal.as_ref() else {
             return true;
         };
-        if crate::bugs::on(crate::bugs::Bug::JournalSkipGate) {
-            return true;
-        }
         if j.failed {
             return j.failure_recorded;
         }
@@ -269,9 +266,7 @@ impl Volume {
     /// May queue item `seq` be shipped? Every record up to it must be written.
     pub(crate) fn journal_ship_gate(&self, seq: Seq) -> bool {
         self.journal.as_ref().is_none_or(|j| {
-            j.failed && j.failure_recorded
-                || crate::bugs::on(crate::bugs::Bug::JournalSkipGate)
-                || !j.failed && j.pending.range(..=seq).next().is_none()
+            j.failed && j.failure_recorded || !j.failed && j.pending.range(..=seq).next().is_none()
         })
     }
 
