@@ -331,17 +331,22 @@ impl Volume {
             // a peer still on it holds a prefix of the journal's stream.
             self.bumped_from = self.meta.history.first().copied().filter(|&g| g != 0);
         }
-        self.meta.set(FLAG_CLEAN, false);
-        self.role_meta_after = Some(self.meta.counter);
-        self.persist_meta();
-        let msg = format!(
+        self.announce_primary(format!(
             "promoted to primary by operator{}",
             if fresh_pair {
                 " (first primary of a new pair: initial full sync to the peer)"
             } else {
                 ""
             }
-        );
+        ))
+    }
+
+    /// The last step of every promote: record the role (streaming and client writes wait
+    /// for that metadata write, see `role_meta_after`), log it, tell the peer, stream.
+    fn announce_primary(&mut self, msg: String) -> String {
+        self.meta.set(FLAG_CLEAN, false);
+        self.role_meta_after = Some(self.meta.counter);
+        self.persist_meta();
         self.event("role", msg.clone());
         self.send(Msg::Hello(self.hello()));
         self.start_streaming();
@@ -407,57 +412,42 @@ impl Volume {
     /// back) is behind and is resynced from this node.
     fn become_forced_primary(&mut self, new_generation: u64) -> String {
         let old = self.meta.generation;
-        if self.take_journal_replay(0) {
-            // This node's own crash, not a takeover: its journal continues its stream. It
-            // keeps the generation; its first write without the peer starts a new one that
-            // the peer, still on this one, resumes from by sequence.
-            self.role = Role::Primary;
-            self.disk_state = DiskState::UpToDate;
-            self.streaming = false;
-            self.gen_shared = true;
-            self.bumped_from = None;
-            self.meta.set(FLAG_CLEAN, false);
-            self.role_meta_after = Some(self.meta.counter);
-            self.persist_meta();
-            let msg = format!(
-                "promoted to primary without the peer after a crash of this node: its journal \
-                 is replayed to the peer when it returns (generation {old:016x} kept)"
-            );
-            self.event("role", msg.clone());
-            self.send(Msg::Hello(self.hello()));
-            self.start_streaming();
-            return msg;
+        // After this node's own crash (not a takeover) its journal continues its stream:
+        // it keeps the generation, and its first write without the peer starts a new one
+        // that the peer, still on this one, resumes from by sequence.
+        let replayed = self.take_journal_replay(0);
+        if !replayed {
+            self.meta.new_generation(new_generation);
+            self.recompute_relation();
+            // The lost primary may have numbered items beyond anything this node received;
+            // the new line starts far above, so no number means two things (the generations
+            // already keep the lines apart; this keeps logs and positions unambiguous).
+            self.last_seq = self.applied.max(self.last_received) + FORCED_SEQ_GAP;
+            self.completed_max = self.last_seq;
+            self.stream_base = self.last_seq;
+            self.reset_local_watermarks();
+            self.queue.clear();
+            self.queue_bytes = 0;
+            self.journal_release_all();
+            self.crashed_primary = false;
         }
-        self.meta.new_generation(new_generation);
-        self.recompute_relation();
         self.role = Role::Primary;
         self.disk_state = DiskState::UpToDate;
-        // The lost primary may have numbered items beyond anything this node received;
-        // the new line starts far above, so no number means two things (the generations
-        // already keep the lines apart; this keeps logs and positions unambiguous).
-        self.last_seq = self.applied.max(self.last_received) + FORCED_SEQ_GAP;
-        self.completed_max = self.last_seq;
-        self.stream_base = self.last_seq;
-        self.reset_local_watermarks();
         self.streaming = false;
-        self.queue.clear();
-        self.queue_bytes = 0;
-        self.journal_release_all();
-        self.crashed_primary = false;
-        self.gen_shared = false;
+        self.gen_shared = replayed;
         self.bumped_from = None;
-        self.meta.set(FLAG_CLEAN, false);
-        self.role_meta_after = Some(self.meta.counter);
-        self.persist_meta();
-        let msg = format!(
-            "forced takeover: promoted to primary without the peer; new generation {:016x} \
-             (was {old:016x}); the peer is resynced from this node when it returns",
-            self.meta.generation
-        );
-        self.event("role", msg.clone());
-        self.send(Msg::Hello(self.hello()));
-        self.start_streaming();
-        msg
+        self.announce_primary(if replayed {
+            format!(
+                "promoted to primary without the peer after a crash of this node: its journal \
+                 is replayed to the peer when it returns (generation {old:016x} kept)"
+            )
+        } else {
+            format!(
+                "forced takeover: promoted to primary without the peer; new generation {:016x} \
+                 (was {old:016x}); the peer is resynced from this node when it returns",
+                self.meta.generation
+            )
+        })
     }
 
     /// `blkrep resolve --discard-local`: this node gives up its own data line.

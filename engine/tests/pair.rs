@@ -446,14 +446,6 @@ impl Pair {
     }
 }
 
-/// Writes the client saw acknowledged, in submission order: (offset, len, byte).
-fn acked(p: &Pair, i: usize, log: &[(ReqId, u64, usize, u8)]) -> Vec<(u64, usize, u8)> {
-    log.iter()
-        .filter(|(r, ..)| p.n[i].done.iter().any(|(d, res)| d == r && res.is_ok()))
-        .map(|&(_, o, l, b)| (o, l, b))
-        .collect()
-}
-
 /// Every block holds the last acknowledged write into it or a later write (submitted
 /// after it, acknowledged or not): nothing acknowledged was lost or rolled back.
 fn check_acked(disk: &[u8], log: &[(ReqId, u64, usize, u8)], acked_reqs: &[ReqId]) {
@@ -495,14 +487,20 @@ fn logged_writes(
     }
 }
 
+/// A pair whose node 0 has a journal of `ring` bytes (plus superblocks) and is primary.
+fn journaled_pair(seed: u64, ring: u64) -> Pair {
+    let mut p = Pair::new(Mode::Async, seed);
+    p.add_journal(0, journal::DATA_START + ring);
+    p.connect();
+    p.run();
+    p.admin(0, promote()).unwrap();
+    p
+}
+
 #[test]
 fn journal_streams_and_empties_as_the_peer_acknowledges() {
     for seed in 1..10u64 {
-        let mut p = Pair::new(Mode::Async, seed);
-        p.add_journal(0, journal::DATA_START + (1 << 20));
-        p.connect();
-        p.run();
-        p.admin(0, promote()).unwrap();
+        let mut p = journaled_pair(seed, 1 << 20);
         random_writes(&mut p, 0, 150, 1);
         assert_eq!(p.n[0].disk, p.n[1].disk, "seed {seed}");
         let j = p.n[0].vol.status().journal.expect("journal status");
@@ -515,11 +513,7 @@ fn journal_streams_and_empties_as_the_peer_acknowledges() {
 #[test]
 fn journal_replays_after_a_crash_without_resync() {
     for seed in 1..25u64 {
-        let mut p = Pair::new(Mode::Async, seed);
-        p.add_journal(0, journal::DATA_START + (2 << 20));
-        p.connect();
-        p.run();
-        p.admin(0, promote()).unwrap();
+        let mut p = journaled_pair(seed, 2 << 20);
         let mut log = vec![];
         logged_writes(&mut p, 0, 40, 1, &mut log);
         p.run();
@@ -555,19 +549,13 @@ fn journal_replays_after_a_crash_without_resync() {
         );
         assert_eq!(p.n[0].disk, p.n[1].disk, "seed {seed}: replica");
         check_acked(&p.n[1].disk, &log, &acked_reqs);
-        let _ = acked(&p, 0, &log);
     }
 }
 
 #[test]
 fn a_torn_journal_tail_falls_back_to_a_resync_and_loses_nothing() {
     for seed in 1..25u64 {
-        let mut p = Pair::new(Mode::Async, seed);
-        let size = journal::DATA_START + (2 << 20);
-        p.add_journal(0, size);
-        p.connect();
-        p.run();
-        p.admin(0, promote()).unwrap();
+        let mut p = journaled_pair(seed, 2 << 20);
         let mut log = vec![];
         logged_writes(&mut p, 0, 20, 1, &mut log);
         p.run();
@@ -607,11 +595,7 @@ fn a_torn_journal_tail_falls_back_to_a_resync_and_loses_nothing() {
 #[test]
 fn journal_overflow_switches_to_the_dirty_set_and_catches_up() {
     for seed in 1..10u64 {
-        let mut p = Pair::new(Mode::Async, seed);
-        p.add_journal(0, journal::DATA_START + (256 << 10));
-        p.connect();
-        p.run();
-        p.admin(0, promote()).unwrap();
+        let mut p = journaled_pair(seed, 256 << 10);
         random_writes(&mut p, 0, 20, 1);
         p.disconnect();
         random_writes(&mut p, 0, 200, 1000);
