@@ -158,6 +158,26 @@ pub fn status(s: &DaemonStatus) -> String {
             }
         );
     }
+    if let Some(u) = &e.undo {
+        let _ = match u.state.as_str() {
+            "active" | "rolling-back" => writeln!(
+                o,
+                "  catch-up protection: {} (a takeover rolls back to sequence {}); undo log {} \
+                 saved, {} of {} used",
+                u.state,
+                u.rollback_seq.unwrap_or(0),
+                bytes(u.saved_bytes),
+                bytes(u.used),
+                bytes(u.capacity)
+            ),
+            state => writeln!(
+                o,
+                "  catch-up protection: {state}; since start {} completed, {} rolled back, {} \
+                 dropped (undo log full or failed)",
+                u.completed, u.rollbacks, u.dropped
+            ),
+        };
+    }
     if let Some(r) = &e.resync {
         let pct = if r.total_bytes > 0 {
             r.done_bytes as f64 * 100.0 / r.total_bytes as f64

@@ -28,11 +28,14 @@ pub enum Bug {
     /// A trusted journal is replayed to the peer but not redone on the local disk first:
     /// writes a kill caught before they reached the disk exist at the peer only.
     JournalNoRedo = 1 << 6,
+    /// A protected catch-up applies writes without saving the old content first: a
+    /// takeover's rollback then leaves newer blocks in the "old" image.
+    UndoNoSave = 1 << 7,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 7] = [
+    pub const ALL: [Bug; 8] = [
         Bug::ApplyOutOfOrder,
         Bug::SyncAckBeforePeer,
         Bug::FlushAckBeforeDurable,
@@ -40,6 +43,7 @@ impl Bug {
         Bug::SkipActivityLog,
         Bug::PromoteUnconfirmed,
         Bug::JournalNoRedo,
+        Bug::UndoNoSave,
     ];
 
     /// The name used on command lines.
@@ -52,6 +56,7 @@ impl Bug {
             Bug::SkipActivityLog => "skip-activity-log",
             Bug::PromoteUnconfirmed => "promote-unconfirmed",
             Bug::JournalNoRedo => "journal-no-redo",
+            Bug::UndoNoSave => "undo-no-save",
         }
     }
 

@@ -223,10 +223,13 @@ impl Volume {
         if let Some(r) = self.resync.as_mut() {
             r.done_sent = false;
         }
-        self.fail_pending_promote(
-            "peer_not_connected",
-            "the link to the peer was lost during the promote",
-        );
+        // A forced promote does not need the peer (it may be rolling back a catch-up).
+        if !self.pending_promote.as_ref().is_some_and(|p| p.forced) {
+            self.fail_pending_promote(
+                "peer_not_connected",
+                "the link to the peer was lost during the promote",
+            );
+        }
         self.abort_verify("the link to the peer was lost");
         self.verify_items.clear();
         // Sync mode degrades: writes waiting for the peer complete on the local leg alone,

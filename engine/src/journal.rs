@@ -524,6 +524,8 @@ pub struct Opening {
     pub redo: Vec<StreamItem>,
     /// One line for the log: what was found and what is done with it.
     pub report: String,
+    /// `meta` was changed: write it before anything else (and before the redo).
+    pub meta_changed: bool,
 }
 
 /// Decide at start-up what a journal is worth. `sb` is its newest superblock (`None`: a
@@ -531,7 +533,40 @@ pub struct Opening {
 /// dirty set gets the ranges of an untrusted journal's records (they are resynced with the
 /// activity log's extents). Trusted: the superblock says active, it was written in this
 /// boot, this node crashed as primary, and the scan ends cleanly.
+///
+/// A secondary's metadata may name a protected catch-up in progress: its undo log (kept in
+/// the same ring, see [`crate::undo`]) is read back too and handed over in
+/// `start.undo`. When that log is gone, the session is dropped from `meta` (the image
+/// cannot be rolled back) and `meta_changed` asks the caller to write the metadata.
 pub fn open(
+    sb: Option<&Superblock>,
+    file_len: u64,
+    read: &mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
+    meta: &mut crate::meta::Metadata,
+    cfg: &JournalConfig,
+) -> Opening {
+    let mut undo = None;
+    let mut undo_report = None;
+    let mut dropped = false;
+    if let Some(session) = meta.undo {
+        let (log, report) = crate::undo::scan(&session, cfg.capacity(), read);
+        if log.is_none() {
+            meta.undo = None;
+            dropped = true;
+        }
+        undo = log;
+        undo_report = Some(report);
+    }
+    let mut o = open_primary(sb, file_len, read, meta, cfg);
+    o.start.undo = undo;
+    o.meta_changed = !o.redo.is_empty() || dropped;
+    if let Some(r) = undo_report {
+        o.report += &format!("; {r}");
+    }
+    o
+}
+
+fn open_primary(
     sb: Option<&Superblock>,
     file_len: u64,
     read: &mut dyn FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
@@ -547,6 +582,7 @@ pub fn open(
             start: Default::default(),
             redo: Vec::new(),
             report: format!("new ({cap} bytes of ring)"),
+            meta_changed: false,
         };
     };
     let scan = scan(sb, file_len, read);
@@ -598,6 +634,7 @@ pub fn open(
                 tail: scan.tail,
                 last_seq: scan.last_seq,
                 replay: Some((scan.items.clone(), scan.records)),
+                undo: None,
             },
             redo: if crate::bugs::on(crate::bugs::Bug::JournalNoRedo) {
                 Vec::new()
@@ -605,6 +642,7 @@ pub fn open(
                 scan.items
             },
             report,
+            meta_changed: false,
         };
     }
     if crashed && !scan.items.is_empty() {
@@ -637,9 +675,11 @@ pub fn open(
             tail: fresh,
             last_seq: 0,
             replay: None,
+            undo: None,
         },
         redo: Vec::new(),
         report,
+        meta_changed: false,
     }
 }
 

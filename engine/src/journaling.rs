@@ -27,6 +27,8 @@ pub struct JournalStart {
     /// A trusted journal's live items (already redone on the local disk), with each
     /// record's (seq, logical end): shipped again if this node becomes primary.
     pub replay: Option<Replay>,
+    /// A secondary's undo log of a protected catch-up in progress (see [`crate::undo`]).
+    pub undo: Option<crate::undo::UndoLog>,
 }
 
 /// Journal status for `status`.
@@ -114,6 +116,9 @@ impl Volume {
             appended: 0,
             overflows: 0,
         });
+        if let Some(log) = start.undo {
+            self.attach_undo(log);
+        }
         // Record the current boot and state at once.
         self.journal_super(true);
     }

@@ -13,6 +13,7 @@ pub mod dirty;
 pub mod generations;
 pub mod msg;
 pub mod types;
+pub mod undo;
 
 pub use buf::AlignedBuf;
 pub use types::*;

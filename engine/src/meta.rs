@@ -11,7 +11,8 @@
 //!   0  magic     8  b"BLKRPMD\0"
 //!   8  version   4  FORMAT_VERSION
 //!  12  body_len  4  bytes of body that follow
-//!  16  body      body_len bytes (see Metadata::encode_body)
+//!  16  body      body_len bytes (see Metadata::encode_slot; optional tagged sections
+//!                 at its end, e.g. the undo session: absent in older metadata)
 //!  16+body_len   blake3(bytes 0 .. 16+body_len), 32 bytes
 //! ```
 
@@ -34,6 +35,8 @@ pub const SLOT_SIZE: usize = 64 << 10;
 /// Size of the whole metadata area (two slots).
 pub const AREA_SIZE: usize = 2 * SLOT_SIZE;
 const HEADER: usize = 16;
+/// Tag of the optional undo section of the body.
+const SECTION_UNDO: u8 = 1;
 const SUM: usize = 32;
 const MAX_NAME: usize = 255;
 
@@ -112,6 +115,24 @@ pub struct Metadata {
     /// Blocks the peer may lack: the dirty set plus the activity log's hot extents (see
     /// `engine/src/dirty.rs`); its granularity is the dirty-set block size.
     pub dirty: BlockSet,
+    /// A protected catch-up is under way on this secondary: the blocks it overwrites are
+    /// saved first in the undo log, and a takeover rolls back to the image described here
+    /// (see `engine/src/undo.rs`). Encoded as an optional trailing section of the body.
+    pub undo: Option<UndoMeta>,
+}
+
+/// The image a protected catch-up rolls back to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UndoMeta {
+    /// Session id (the metadata counter when the session began): the undo log's records
+    /// carry it, so records of an earlier session are never taken for this one's.
+    pub id: u64,
+    /// The stream position the pre-catch-up image holds (everything `<= seq` applied).
+    pub seq: Seq,
+    /// The data generation of that image.
+    pub generation: u64,
+    /// That image was a crashed primary's (its `FLAG_CRASHED_PRIMARY`).
+    pub crashed_primary: bool,
 }
 
 impl Metadata {
@@ -130,6 +151,7 @@ impl Metadata {
             disk_state: DiskState::Inconsistent,
             flags: FLAG_CLEAN,
             dirty: BlockSet::new(DEFAULT_BLOCK as u64),
+            undo: None,
         }
     }
 
@@ -187,6 +209,15 @@ impl Metadata {
             body.extend_from_slice(&s.to_le_bytes());
             body.extend_from_slice(&e.to_le_bytes());
         }
+        // Optional sections follow; a reader stops at the end of the body, so metadata
+        // written before a section existed reads as "absent".
+        if let Some(u) = &self.undo {
+            body.push(SECTION_UNDO);
+            body.extend_from_slice(&u.id.to_le_bytes());
+            body.extend_from_slice(&u.seq.to_le_bytes());
+            body.extend_from_slice(&u.generation.to_le_bytes());
+            body.push(u.crashed_primary as u8);
+        }
         let mut slot = Vec::with_capacity(SLOT_SIZE);
         slot.extend_from_slice(&MAGIC);
         slot.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -229,6 +260,7 @@ impl Metadata {
             flags: r.u32()?,
             history: Vec::new(),
             dirty: BlockSet::new(DEFAULT_BLOCK as u64),
+            undo: None,
         };
         let mut m = m;
         let n = r.u8()? as usize;
@@ -253,6 +285,19 @@ impl Metadata {
                 return Err(MetaError::Corrupt);
             }
             m.dirty.insert(s, e);
+        }
+        while !r.0.is_empty() {
+            match r.u8()? {
+                SECTION_UNDO => {
+                    m.undo = Some(UndoMeta {
+                        id: r.u64()?,
+                        seq: r.u64()?,
+                        generation: r.u64()?,
+                        crashed_primary: r.u8()? != 0,
+                    })
+                }
+                _ => return Err(MetaError::Corrupt),
+            }
         }
         Ok(m)
     }
@@ -362,6 +407,30 @@ mod tests {
         m.generation = 9;
         m.new_generation(11);
         m
+    }
+
+    #[test]
+    fn undo_section_roundtrips_and_is_optional() {
+        let mut m = sample();
+        let plain = m.encode_slot().unwrap();
+        assert_eq!(Metadata::decode_slot(&plain).unwrap().undo, None);
+        m.undo = Some(UndoMeta {
+            id: 5,
+            seq: 1234,
+            generation: 0xabc,
+            crashed_primary: true,
+        });
+        let slot = m.encode_slot().unwrap();
+        assert_eq!(Metadata::decode_slot(&slot).unwrap(), m);
+        // An unknown section is corruption, not something to skip silently.
+        let mut bad = plain.clone();
+        let body_len = u32::from_le_bytes(bad[12..16].try_into().unwrap()) as usize;
+        bad[12..16].copy_from_slice(&(body_len as u32 + 1).to_le_bytes());
+        bad[HEADER + body_len] = 99;
+        let end = HEADER + body_len + 1;
+        let sum = blake3::hash(&bad[..end]);
+        bad[end..end + SUM].copy_from_slice(sum.as_bytes());
+        assert_eq!(Metadata::decode_slot(&bad), Err(MetaError::Corrupt));
     }
 
     #[test]

@@ -289,7 +289,7 @@ impl Volume {
         if self
             .pending_promote
             .as_ref()
-            .is_some_and(|p| self.now.saturating_sub(p.since) > PROMOTE_TIMEOUT_NS)
+            .is_some_and(|p| !p.forced && self.now.saturating_sub(p.since) > PROMOTE_TIMEOUT_NS)
         {
             self.fail_pending_promote("timeout", "the peer did not answer the promote request");
         }
@@ -366,7 +366,16 @@ impl Volume {
                 "the daemon is shutting down".into(),
             )));
         }
-        if !has_data(self.disk_state) {
+        let roll_back = !has_data(self.disk_state) && self.undo_can_roll_back();
+        if self.undo_meta_override().is_some() {
+            return Some(Err(err(
+                "busy",
+                "a protected catch-up is starting (its image is being made durable); retry in \
+                 a moment"
+                    .into(),
+            )));
+        }
+        if !has_data(self.disk_state) && !roll_back {
             return Some(Err(err(
                 "no_usable_data",
                 format!(
@@ -404,7 +413,12 @@ impl Volume {
             granted: true,
             forced: true,
         });
-        self.issue(Purpose::PromoteFlush, DiskKind::Flush);
+        if roll_back {
+            // The catch-up under way is undone first; its last step issues the flush below.
+            self.undo_start_rollback();
+        } else {
+            self.issue(Purpose::PromoteFlush, DiskKind::Flush);
+        }
         None
     }
 
@@ -436,6 +450,14 @@ impl Volume {
         self.streaming = false;
         self.gen_shared = replayed;
         self.bumped_from = None;
+        let rolled_back = if std::mem::take(&mut self.undo.just_rolled_back) {
+            format!(
+                " after rolling back the catch-up to sequence {}",
+                self.applied
+            )
+        } else {
+            String::new()
+        };
         self.announce_primary(if replayed {
             format!(
                 "promoted to primary without the peer after a crash of this node: its journal \
@@ -444,8 +466,8 @@ impl Volume {
         } else {
             format!(
                 "forced takeover: promoted to primary without the peer; new generation {:016x} \
-                 (was {old:016x}); the peer is resynced from this node when it returns",
-                self.meta.generation
+                 (was {old:016x}){}; the peer is resynced from this node when it returns",
+                self.meta.generation, rolled_back
             )
         })
     }

@@ -22,6 +22,9 @@ impl Volume {
             ));
             return;
         }
+        if self.undo_refuses_stream("a stream item") {
+            return;
+        }
         if item.seq <= self.last_received {
             return; // a resend of something already here
         }
@@ -66,9 +69,11 @@ impl Volume {
     pub(crate) fn pump_applier(&mut self) {
         // While stopping, apply nothing new: the final checkpoint must record everything on
         // the disk, or a restart would re-apply older items over newer ones.
+        self.pump_undo();
         if self.disk_state == DiskState::Failed
             || self.applier.hold_for_meta
             || self.shutting_down.is_some()
+            || self.undo_holds_applier()
         {
             return;
         }
@@ -78,6 +83,7 @@ impl Volume {
                 continue;
             }
             let range = front.range();
+            let writes = !matches!(front.kind, ItemKind::Verify { .. });
             if !bugs::on(Bug::ApplyOutOfOrder) {
                 if front.dep > self.applied {
                     break;
@@ -90,8 +96,16 @@ impl Volume {
                     break; // a flush waits for everything before it
                 }
             }
+            if let Some((s, e)) = range {
+                // In a protected catch-up, a block's old content is saved before it is
+                // overwritten (verify items only read).
+                if writes && !self.undo_ready(s, e) {
+                    break;
+                }
+            }
             let item = self.applier.pending.pop_front().expect("front");
             let seq = item.seq;
+            self.applier.last_issued = self.applier.last_issued.max(seq);
             if let ItemKind::Verify {
                 offset,
                 len,
@@ -237,6 +251,8 @@ impl Volume {
                         "full sync received: this replica is UpToDate".into(),
                     );
                     self.send(Msg::Hello(self.hello()));
+                    // Last: its metadata write records everything above.
+                    self.undo_complete();
                 }
             }
         }
@@ -301,6 +317,10 @@ impl Volume {
             self.protocol_error("peer started a full sync towards this primary".into());
             return;
         }
+        if self.undo_refuses_stream("a resync start") {
+            return;
+        }
+        let protected = self.undo_on_resync_start();
         self.applier.pending.clear();
         self.applier.resync_generation = generation;
         self.note_peer_generation(generation);
@@ -319,7 +339,17 @@ impl Volume {
         self.persist_meta();
         self.event(
             "resync",
-            format!("full sync from the peer started ({total} bytes); this replica is Inconsistent until it ends"),
+            if protected {
+                format!(
+                    "resync from the peer started ({total} bytes); this replica keeps its \
+                     consistent image recoverable in the undo log until it ends"
+                )
+            } else {
+                format!(
+                    "full sync from the peer started ({total} bytes); this replica is \
+                     Inconsistent until it ends"
+                )
+            },
         );
     }
 
@@ -345,7 +375,7 @@ impl Volume {
     }
 
     pub(crate) fn on_resync_done(&mut self, seq: Seq, generation: u64) {
-        if self.role == Role::Primary {
+        if self.role == Role::Primary || self.undo_refuses_stream("a resync end") {
             return;
         }
         self.note_peer_generation(generation);

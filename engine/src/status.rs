@@ -111,4 +111,7 @@ pub struct EngineStatus {
     /// The primary's journal, when one is configured.
     #[serde(default)]
     pub journal: Option<crate::journaling::JournalStatus>,
+    /// The undo log of a protected catch-up (secondary), once one has run.
+    #[serde(default)]
+    pub undo: Option<crate::undo::UndoStatus>,
 }

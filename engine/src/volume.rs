@@ -108,6 +108,11 @@ pub enum DiskKind {
     /// Write `parts`, back to back, at byte `pos` of the journal (a record or a superblock
     /// slot; see [`crate::journal`]). Completion means written (page cache suffices).
     JournalWrite { pos: u64, parts: Vec<Bytes> },
+    /// Read `len` bytes at byte `pos` of the journal device; the completion carries them.
+    JournalRead { pos: u64, len: u64 },
+    /// Make every completed write to the journal device durable (the undo log's records
+    /// must be, before the blocks they save are overwritten; see [`crate::undo`]).
+    JournalSync,
 }
 
 /// A disk operation for the driver to perform; answer with [`Input::DiskDone`].
@@ -247,6 +252,8 @@ pub struct Probe {
     pub dirty_bytes: u64,
     /// A promote is under way (waiting for the peer or for the flush before the role).
     pub promote_pending: bool,
+    /// Secondary: a protected catch-up's session is recorded (a takeover rolls back).
+    pub undo_active: bool,
 }
 
 /// Why a disk operation was issued.
@@ -305,6 +312,30 @@ pub(crate) enum Purpose {
     VerifyApply {
         seq: Seq,
         start: u64,
+    },
+    /// The fsync that makes the image durable before a protected catch-up begins.
+    UndoFlush,
+    /// Reading old content to save in the undo log (range `idx` of batch `epoch`).
+    UndoRead {
+        idx: usize,
+        epoch: u64,
+    },
+    UndoWrite {
+        epoch: u64,
+    },
+    UndoSync {
+        epoch: u64,
+    },
+    /// Rollback: reading undo record `idx`, writing it back, the final fsync.
+    UndoRollbackRead {
+        idx: usize,
+        epoch: u64,
+    },
+    UndoRollbackWrite {
+        epoch: u64,
+    },
+    UndoRollbackFlush {
+        epoch: u64,
     },
 }
 
@@ -388,6 +419,8 @@ pub(crate) struct Applier {
     /// overwrites a consistent image, and a crash in between must not leave a half-synced
     /// disk whose metadata still calls it consistent.
     pub hold_for_meta: bool,
+    /// The highest sequence issued to the disk (items are issued in order).
+    pub last_issued: Seq,
 }
 
 /// The replication engine of one node for one volume.
@@ -517,6 +550,8 @@ pub struct Volume {
     pub(crate) flushes: u64,
     /// The primary's persistent journal, when configured ([`Volume::attach_journal`]).
     pub(crate) journal: Option<crate::journaling::Journal>,
+    /// Secondary: the undo log of a protected catch-up (see [`crate::undo`]).
+    pub(crate) undo: crate::undo::Undo,
     /// A new primary waits for a metadata write with a counter above this one (the one
     /// recording its role and disk state) before it streams to its peer: a resync must
     /// never make the peer Inconsistent while this node's own claim to the data could
@@ -545,6 +580,7 @@ impl Volume {
             dirty.insert(0, cfg.volume_size);
         }
         let applied = meta.applied_seq;
+        let cfg_sector = cfg.sector.max(512);
         Volume {
             cfg,
             role: Role::Secondary,
@@ -623,6 +659,7 @@ impl Volume {
             bytes_read: 0,
             flushes: 0,
             journal: None,
+            undo: crate::undo::Undo::new(meta.undo, cfg_sector),
             role_meta_after: None,
             meta,
         }
@@ -667,6 +704,7 @@ impl Volume {
             peer_needs_full_sync: !self.dirty.is_empty(),
             dirty_bytes: self.dirty.bytes(),
             promote_pending: self.pending_promote.is_some(),
+            undo_active: self.undo.session.is_some(),
         }
     }
 
@@ -737,6 +775,7 @@ impl Volume {
             bytes_read: self.bytes_read,
             flushes: self.flushes,
             journal: self.journal_status(),
+            undo: self.undo_status(),
         }
     }
 
@@ -854,6 +893,7 @@ impl Volume {
 
     /// Record the current state in the metadata and write it (serialised).
     pub(crate) fn persist_meta(&mut self) {
+        let recorded = self.meta.applied_seq;
         self.meta.role = self.role;
         self.meta.disk_state = self.disk_state;
         self.meta.applied_seq = match self.role {
@@ -862,6 +902,13 @@ impl Volume {
         };
         self.meta.set(FLAG_PEER_NEEDS_FULL_SYNC, false);
         self.meta.set(FLAG_CRASHED_PRIMARY, self.crashed_primary);
+        self.meta.undo = self.undo.session;
+        if let Some(state) = self.undo_meta_override() {
+            // A protected catch-up is beginning: until its session is recorded the image is
+            // untouched, and the metadata keeps describing it as it was written last.
+            self.meta.disk_state = state;
+            self.meta.applied_seq = recorded;
+        }
         if self.meta_in_flight {
             self.meta_dirty = true;
             return;
@@ -920,6 +967,15 @@ impl Volume {
                 self.verify_read_done(start, len, run, result)
             }
             Purpose::VerifyApply { seq, start } => self.verify_apply_done(seq, start, result),
+            Purpose::UndoFlush => self.undo_flush_done(false, result),
+            Purpose::UndoRead { idx, epoch } => self.undo_read_done(idx, epoch, result),
+            Purpose::UndoWrite { epoch } => self.undo_write_done(epoch, result),
+            Purpose::UndoSync { epoch } => self.undo_sync_done(epoch, result),
+            Purpose::UndoRollbackRead { idx, epoch } => {
+                self.undo_rollback_read_done(idx, epoch, result)
+            }
+            Purpose::UndoRollbackWrite { epoch } => self.undo_rollback_write_done(epoch, result),
+            Purpose::UndoRollbackFlush { epoch } => self.undo_rollback_flush_done(epoch, result),
             Purpose::Meta {
                 applied,
                 disk_state,
@@ -939,6 +995,7 @@ impl Volume {
                         if journal_failed {
                             self.journal_failure_recorded();
                         }
+                        self.undo_meta_written(counter);
                         if let Some((hot, seq, gen)) = snapshot {
                             self.hot_persisted = hot;
                             self.dirty_persisted_seq = self.dirty_persisted_seq.max(seq);

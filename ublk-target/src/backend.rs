@@ -181,10 +181,12 @@ impl MetaArea {
 
 /// One disk operation in flight.
 pub enum DiskIo {
+    /// A read of the backing, or of the journal device when `journal`.
     Read {
         buf: AlignedBuf,
         offset: u64,
         done: usize,
+        journal: bool,
     },
     Write {
         data: Bytes,
@@ -207,7 +209,8 @@ pub enum DiskIo {
         mode: i32,
         fua: bool,
     },
-    Fsync,
+    /// fdatasync of the backing, or of the journal device when `journal`.
+    Fsync { journal: bool },
     Meta {
         buf: AlignedBuf,
         offset: u64,
@@ -251,7 +254,15 @@ impl DiskIo {
                 buf: AlignedBuf::zeroed(len as usize),
                 offset,
                 done: 0,
+                journal: false,
             },
+            DiskKind::JournalRead { pos, len } => DiskIo::Read {
+                buf: AlignedBuf::zeroed(len as usize),
+                offset: pos,
+                done: 0,
+                journal: true,
+            },
+            DiskKind::JournalSync => DiskIo::Fsync { journal: true },
             DiskKind::Write { offset, data, fua } => {
                 let data = if blkrep_engine::buf::is_aligned(&data) {
                     data
@@ -283,7 +294,7 @@ impl DiskIo {
                 mode: PUNCH,
                 fua: false,
             },
-            DiskKind::Flush => DiskIo::Fsync,
+            DiskKind::Flush => DiskIo::Fsync { journal: false },
             DiskKind::WriteMeta(m) => {
                 let slot = Metadata::next_slot(meta.slot);
                 DiskIo::Meta {
@@ -299,12 +310,18 @@ impl DiskIo {
     /// must stay where it is (it lives boxed in the ring's op table) until completion.
     pub fn sqe(&mut self, backing: i32, meta: i32, journal_fd: i32) -> squeue::Entry {
         match self {
-            DiskIo::Read { buf, offset, done } => {
+            DiskIo::Read {
+                buf,
+                offset,
+                done,
+                journal,
+            } => {
+                let fd = if *journal { journal_fd } else { backing };
                 let len = buf.len() - *done;
                 // SAFETY: `done <= len`, so the pointer stays inside `buf`, which outlives the
                 // operation (see above).
                 let ptr = unsafe { buf.as_mut_ptr().add(*done) };
-                opcode::Read::new(types::Fd(backing), ptr, len as u32)
+                opcode::Read::new(types::Fd(fd), ptr, len as u32)
                     .offset(*offset + *done as u64)
                     .build()
             }
@@ -358,9 +375,11 @@ impl DiskIo {
                         .build()
                 }
             }
-            DiskIo::Fsync => opcode::Fsync::new(types::Fd(backing))
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+            DiskIo::Fsync { journal } => {
+                opcode::Fsync::new(types::Fd(if *journal { journal_fd } else { backing }))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+            }
             DiskIo::ZeroFill {
                 offset,
                 len,
@@ -471,7 +490,7 @@ impl DiskIo {
                     Step::Done(Ok(None))
                 }
             }
-            DiskIo::Fsync => {
+            DiskIo::Fsync { .. } => {
                 if res < 0 {
                     err(res)
                 } else {

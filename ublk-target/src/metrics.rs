@@ -136,6 +136,18 @@ pub fn render(s: &Value) -> String {
         num(&e["journal"]["overflows"]),
     );
     metric(
+        "catchup_protected",
+        "gauge",
+        "1 while a secondary's catch-up is protected by its undo log (a takeover rolls back)",
+        (e["undo"]["state"] == "active") as u64 as f64,
+    );
+    metric(
+        "catchup_undo_saved_bytes",
+        "gauge",
+        "old content saved in the undo log by the catch-up under way",
+        num(&e["undo"]["saved_bytes"]),
+    );
+    metric(
         "hot_extents",
         "gauge",
         "activity-log extents currently recorded",

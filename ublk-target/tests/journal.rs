@@ -2,6 +2,8 @@
 //! sit in the journal; kill -9 of the primary; its restart redoes the journal on its disk
 //! and, once promoted, ships it again (no resync). A torn or truncated journal tail is
 //! detected and falls back to a resync, and no acknowledged write is lost either way.
+//! A takeover during the bitmap catch-up after a journal overflow rolls the secondary back
+//! to its image from before the catch-up (its undo log on its own journal device).
 
 mod common;
 use blkrep_tools::nbd_client::NbdClient;
@@ -50,8 +52,17 @@ fn journal_path(p: &Pair) -> PathBuf {
 }
 
 fn pair(tag: &str) -> Pair {
-    let dir_hint = "journal = \"@DIR@/alpha.journal\"\njournal_size = \"32M\"";
-    let p = Pair::with_node_extra(tag, "async", SIZE, [dir_hint, ""]);
+    pair_with(
+        tag,
+        [
+            "journal = \"@DIR@/alpha.journal\"\njournal_size = \"32M\"",
+            "",
+        ],
+    )
+}
+
+fn pair_with(tag: &str, extra: [&str; 2]) -> Pair {
+    let p = Pair::with_node_extra(tag, "async", SIZE, extra);
     // The node section needs the pair's directory: fill it in.
     let cfg = std::fs::read_to_string(&p.config).unwrap();
     let dir = p.backing(0).parent().unwrap().display().to_string();
@@ -190,4 +201,68 @@ fn journal_config_errors_name_the_field() {
         err.contains("node[0].journal_size") && err.contains("at least"),
         "{err}"
     );
+}
+
+#[test]
+fn a_takeover_during_the_catch_up_finds_the_image_from_before_it() {
+    // alpha's journal (8 MiB) overflows during the outage; beta's (64 MiB) holds the undo
+    // log of the catch-up; the resync runs at 4 MiB/s so the takeover hits it mid-way.
+    let p = pair_with(
+        "journal-catchup",
+        [
+            "journal = \"@DIR@/alpha.journal\"\njournal_size = \"8M\"",
+            "journal = \"@DIR@/beta.journal\"\njournal_size = \"64M\"",
+        ],
+    );
+    p.resource_line("resync_rate = \"4M\"");
+    let px = p.insert_proxy();
+    p.start(0);
+    let mut acked = HashMap::new();
+    write_tagged(&p, 64, 1, &mut acked);
+    p.wait_in_sync(0);
+    // What beta holds at the cut: the write log up to here.
+    let at_cut = acked.clone();
+    px.cut();
+    p.wait_for(0, "the link to drop", |s| {
+        s["engine"]["conn"] != "connected" && s["engine"]["conn"] != "sync_source"
+    });
+    write_tagged(&p, 240, 1000, &mut acked);
+    let s = p.status(0);
+    assert_eq!(s["engine"]["journal"]["state"], "bitmap", "{s:#}");
+    px.heal();
+    let s = p.wait_for(1, "the protected catch-up to save blocks", |s| {
+        s["engine"]["undo"]["state"] == "active"
+            && s["engine"]["undo"]["saved_bytes"].as_u64().unwrap_or(0) >= 2 * MIB
+    });
+    eprintln!("beta during the catch-up: {}", s["engine"]["undo"]);
+    assert_eq!(s["engine"]["disk_state"], "inconsistent", "{s:#}");
+    // The primary site is lost in the middle of the catch-up.
+    p.kill9(0);
+    p.wait_for(1, "the link to drop", |s| {
+        s["engine"]["conn"] != "sync_target"
+    });
+    let msg = p.ok(1, &["promote", "--force"]);
+    assert!(msg.contains("after rolling back the catch-up"), "{msg}");
+    p.wait_log(1, &["rolled back", "saved ranges"]);
+    let s = p.status(1);
+    assert_eq!(s["engine"]["role"], "primary", "{s:#}");
+    assert_eq!(s["engine"]["disk_state"], "up_to_date", "{s:#}");
+    p.down();
+    // beta's image is exactly the volume at the cut: every block of the write log up to
+    // there, and nothing written during the outage (its catch-up was undone).
+    let b = std::fs::read(p.backing(1)).unwrap();
+    for block in 0..SIZE / BLOCK {
+        let at = (block * BLOCK) as usize;
+        let got = &b[at..at + BLOCK as usize];
+        match at_cut.get(&block) {
+            Some(id) => assert!(
+                got == &content(block, *id)[..],
+                "block {block}: not write {id} of the log up to the cut"
+            ),
+            None => assert!(
+                got.iter().all(|&x| x == 0),
+                "block {block}: written during the outage, yet in the rolled-back image"
+            ),
+        }
+    }
 }

@@ -45,12 +45,50 @@ impl World {
         self.input(i, Input::Admin { token: 1, cmd });
     }
 
+    /// The primary site is lost while node `i` catches up: the primary crashes now and the
+    /// operator forces `i` to take over a little later (its rollback is checked).
+    pub(super) fn catchup_takeover(&mut self, i: usize) {
+        let other = 1 - i;
+        let in_session = self.nodes[i]
+            .vol
+            .as_ref()
+            .is_some_and(|v| v.probe().undo_active);
+        if self.liveness || !in_session || !self.alive(other) {
+            return;
+        }
+        if self.nodes[other].role == Role::Primary {
+            self.crash_now(other);
+        }
+        let d = self.rng.range(20, 600) * MS;
+        self.at(d, Ev::ForcePromote(i));
+    }
+
+    pub(super) fn force_promote(&mut self, i: usize) {
+        let other_primary = self.nodes[1 - i]
+            .vol
+            .as_ref()
+            .is_some_and(|v| v.role() == Role::Primary || v.probe().promote_pending);
+        if self.liveness || !self.alive(i) || other_primary {
+            return;
+        }
+        let cmd = AdminCmd::Promote {
+            force: true,
+            new_generation: self.rng.next_u64() | 1,
+        };
+        self.log(|| format!("operator on {} (site lost): {cmd:?}", NODES[i]));
+        self.input(i, Input::Admin { token: 1, cmd });
+    }
+
     pub(super) fn crash(&mut self, i: usize) {
         if !self.liveness && self.faults.crash_every_ms > 0 {
             let f = self.faults.crash_every_ms;
             let d = self.rng.range(f / 2, f * 3 / 2) * MS;
             self.at(d, Ev::Crash(i));
         }
+        self.crash_now(i);
+    }
+
+    fn crash_now(&mut self, i: usize) {
         if !self.alive(i) || self.liveness {
             return;
         }

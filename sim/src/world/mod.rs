@@ -50,6 +50,10 @@ enum Ev {
     Operator,
     Crash(usize),
     Restart(usize),
+    /// Lose the primary site during node `i`'s protected catch-up.
+    CatchupTakeover(usize),
+    /// The operator forces node `i` to take over.
+    ForcePromote(usize),
     Partition,
     Heal,
     Reset,
@@ -118,6 +122,9 @@ struct Node {
     journal: Option<SimDisk>,
     /// Boots of the node's machine (a power loss starts a new one).
     boot: u64,
+    /// The image this node held when its metadata first recorded a protected catch-up
+    /// (session id, sector contents): a takeover's rollback must restore exactly this.
+    undo_image: Option<(u64, Vec<Content>)>,
 }
 
 struct Conn {
@@ -162,6 +169,10 @@ pub struct Stats {
     pub durability_checks: u64,
     pub kills: u64,
     pub journal_replays: u64,
+    /// Protected catch-ups begun (their metadata written), and takeovers that rolled one
+    /// back (each checked against the image recorded at its start).
+    pub undo_sessions: u64,
+    pub undo_rollbacks: u64,
     pub liveness_seconds: f64,
     pub liveness_connects: u64,
 }
@@ -227,6 +238,7 @@ impl World {
                 stopping: false,
                 resets_seen: 0,
                 rebase_pending: false,
+                undo_image: None,
                 journal: (cfg.journal_size > 0).then(|| SimDisk::new(cfg.journal_size)),
                 boot: 1,
             }
@@ -375,7 +387,7 @@ impl World {
             );
             let report = opening.report.clone();
             self.log(|| format!("{} journal: {report}", NODES[i]));
-            if !opening.redo.is_empty() {
+            if opening.meta_changed {
                 // The metadata names the records' blocks before they are redone.
                 meta.counter += 1;
                 slot = 1 - slot;
@@ -493,7 +505,10 @@ impl World {
         match o {
             Output::Disk(d) => {
                 let n = &mut self.nodes[i];
-                let marker = n.disk.flush_marker();
+                let marker = match (&d.kind, n.journal.as_ref()) {
+                    (DiskKind::JournalSync, Some(j)) => j.flush_marker(),
+                    _ => n.disk.flush_marker(),
+                };
 
                 let mut lat = self.rng.range(20, 400) * 1000;
                 if self.rng.chance(self.faults.slow_disk) {
@@ -532,6 +547,9 @@ impl World {
                         if m.starts_with("forced") {
                             self.stats.forced_takeovers += 1;
                         }
+                        if m.contains("after rolling back the catch-up") {
+                            self.stats.undo_rollbacks += 1;
+                        }
                         if m.starts_with("promoted") || m.starts_with("forced") {
                             self.stats.promotes_ok += 1;
                         } else if m.starts_with("demoted") {
@@ -556,6 +574,13 @@ impl World {
                     if !e.message.contains("all") {
                         self.fail(violation("verify-difference", e.message.clone()));
                     }
+                }
+                if e.kind == "takeover" && e.message.starts_with("rolled back") {
+                    self.check_rollback(i);
+                    // Its image is the one from before the catch-up, which the checker's
+                    // rebased stream no longer describes: checked just now, left alone by
+                    // the replica checks until it is primary (baseline) or resynced.
+                    self.nodes[i].suspect = true;
                 }
                 if e.kind == "resolve" {
                     self.stats.split_brains_resolved += 1;
@@ -601,6 +626,7 @@ impl World {
         if p.fail {
             self.log(|| format!("{} disk op {op} fails", NODES[i]));
         }
+        let mut capture = None;
         let n = &mut self.nodes[i];
         let result: Result<Option<Bytes>, IoError> = match p.kind {
             DiskKind::Read { offset, len } => {
@@ -658,6 +684,13 @@ impl World {
                     let bytes = m.encode_slot().expect("metadata encodes");
                     n.meta[slot * SLOT_SIZE..(slot + 1) * SLOT_SIZE].copy_from_slice(&bytes);
                     n.meta_slot = slot;
+                    if let Some(u) = m.undo {
+                        if n.undo_image.as_ref().map(|x| x.0) != Some(u.id) {
+                            // The session is on disk from now on; nothing was overwritten
+                            // yet (the applier waits for this write).
+                            capture = Some(u.id);
+                        }
+                    }
                     Ok(None)
                 }
             }
@@ -671,11 +704,64 @@ impl World {
                     Ok(None)
                 }
             }
+            DiskKind::JournalRead { pos, len } => {
+                if p.fail {
+                    Err(IoError::Io)
+                } else {
+                    let j = n.journal.as_ref().expect("journal configured");
+                    Ok(Some(Bytes::from(j.read(pos, len))))
+                }
+            }
+            DiskKind::JournalSync => {
+                if p.fail {
+                    Err(IoError::Io)
+                } else {
+                    n.journal
+                        .as_mut()
+                        .expect("journal configured")
+                        .flush(p.marker);
+                    Ok(None)
+                }
+            }
         };
         if p.fail {
             self.stats.disk_errors += 1;
         }
+        if let Some(id) = capture {
+            self.stats.undo_sessions += 1;
+            let image = self.contents(i);
+            self.nodes[i].undo_image = Some((id, image));
+            if !self.liveness && self.rng.chance(0.4) {
+                // At a random moment of the catch-up (it may be over by then).
+                let d = self.rng.range(1, 800) * MS;
+                self.at(d, Ev::CatchupTakeover(i));
+            }
+        }
         self.input(i, Input::DiskDone { op, result });
+    }
+
+    /// A forced takeover rolled node `i` back: its image must be the one it held when the
+    /// catch-up's session was recorded, sector for sector.
+    fn check_rollback(&mut self, i: usize) {
+        let now = self.contents(i);
+        let Some((id, before)) = self.nodes[i].undo_image.as_ref() else {
+            self.fail(violation(
+                "rollback-image",
+                format!(
+                    "{} rolled back a catch-up whose start was never seen",
+                    NODES[i]
+                ),
+            ));
+            return;
+        };
+        if let Some(s) = (0..now.len()).find(|&s| now[s] != before[s]) {
+            let msg = format!(
+                "{} rolled back catch-up {id}, but sector {s} holds {:?} where the image at \
+                 its start held {:?}",
+                NODES[i], now[s], before[s]
+            );
+            self.fail(violation("rollback-image", msg));
+        }
     }
 
     fn contents(&self, i: usize) -> Vec<Content> {
@@ -781,6 +867,8 @@ fn brief(k: &DiskKind) -> String {
                 parts.iter().map(|p| p.len()).sum::<usize>()
             )
         }
+        DiskKind::JournalRead { pos, len } => format!("journal read {pos}+{len}"),
+        DiskKind::JournalSync => "journal sync".into(),
     }
 }
 

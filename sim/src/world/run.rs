@@ -53,6 +53,8 @@ impl World {
                 }
             }
             Ev::Crash(i) => self.crash(i),
+            Ev::CatchupTakeover(i) => self.catchup_takeover(i),
+            Ev::ForcePromote(i) => self.force_promote(i),
             Ev::Restart(i) => self.restart(i),
             Ev::Partition => {
                 if !self.liveness {
