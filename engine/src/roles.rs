@@ -506,7 +506,11 @@ impl Volume {
             .unwrap_or(0);
         self.meta.new_generation(common);
         self.meta.history.retain(|&g| g != common);
-        self.disk_state = DiskState::Outdated;
+        if self.disk_state != DiskState::Inconsistent {
+            // A disk in the middle of a resync stays Inconsistent (its undo log, if any, can
+            // still take it back to the image from before it).
+            self.disk_state = DiskState::Outdated;
+        }
         self.crashed_primary = false;
         self.split_brain = false;
         self.refused_reason = None;
