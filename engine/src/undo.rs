@@ -509,6 +509,23 @@ impl Volume {
         self.undo.phase = Phase::Dropping { after };
     }
 
+    /// The disk failed: its image is nothing to roll back to (a replaced disk would get a
+    /// mix of old saved blocks and whatever it holds). The caller persists the metadata.
+    pub(crate) fn undo_forget(&mut self, why: &str) {
+        if self.undo.session.take().is_some() {
+            self.undo.dropped += 1;
+            self.event(
+                "catchup",
+                format!("catch-up protection dropped: {why}; the undo log is discarded"),
+            );
+        }
+        self.undo.phase = Phase::Off;
+        self.undo.batch = None;
+        self.undo.rollback = None;
+        self.undo.epoch += 1;
+        self.undo.log = UndoLog::default();
+    }
+
     /// A metadata write with update counter `counter` is durable.
     pub(crate) fn undo_meta_written(&mut self, counter: u64) {
         if let Phase::Dropping { after } = self.undo.phase {

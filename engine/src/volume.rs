@@ -808,6 +808,7 @@ impl Volume {
             );
         }
         self.abort_verify("the local disk failed");
+        self.undo_forget("the disk failed");
         self.event(
             "failure",
             format!(
