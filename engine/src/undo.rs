@@ -227,14 +227,15 @@ pub fn scan(
 pub(crate) enum Phase {
     /// No session.
     Off,
-    /// A session is to begin once in-flight applies finish (then the fsync).
-    Starting { pre_seq: Seq, pre_state: DiskState },
+    /// A session (`pre`: its id is drawn later) is to begin once in-flight applies finish
+    /// (then the fsync); `state` is the image's disk state, which the metadata keeps
+    /// saying until the session is recorded.
+    Starting { pre: UndoMeta, state: DiskState },
     /// The fsync of the pre-catch-up image and the session's marker record (written, then
     /// synced) are in flight; `left` counts the two.
     Flushing {
-        pre_seq: Seq,
-        pre_state: DiskState,
-        id: u64,
+        pre: UndoMeta,
+        state: DiskState,
         left: u8,
     },
     /// A session is recorded (or being recorded: `hold_for_meta` covers that).
@@ -255,7 +256,6 @@ pub(crate) struct Batch {
     pub writes_left: usize,
     /// Record positions, parallel to `ranges`, once appended.
     pub positions: Vec<u64>,
-    pub syncing: bool,
 }
 
 /// Rollback progress.
@@ -358,10 +358,15 @@ impl Volume {
         }
         // Items are issued strictly in order: once the issued ones finish, the image holds
         // everything up to the last one issued.
-        let pre_seq = self.applied.max(self.applier.last_issued);
+        // Taken now: `on_resync_start` clears the crashed-primary mark next.
         self.undo.phase = Phase::Starting {
-            pre_seq,
-            pre_state: self.disk_state,
+            pre: UndoMeta {
+                id: 0,
+                seq: self.applied.max(self.applier.last_issued),
+                generation: self.meta.generation,
+                crashed_primary: self.crashed_primary,
+            },
+            state: self.disk_state,
         };
         self.undo.session = None;
         true
@@ -371,9 +376,7 @@ impl Volume {
     /// the position last recorded), until the session itself is recorded.
     pub(crate) fn undo_meta_override(&self) -> Option<DiskState> {
         match self.undo.phase {
-            Phase::Starting { pre_state, .. } | Phase::Flushing { pre_state, .. } => {
-                Some(pre_state)
-            }
+            Phase::Starting { state, .. } | Phase::Flushing { state, .. } => Some(state),
             _ => None,
         }
     }
@@ -386,12 +389,12 @@ impl Volume {
     /// Drive the session's start and the rollback.
     pub(crate) fn pump_undo(&mut self) {
         match self.undo.phase {
-            Phase::Starting { pre_seq, pre_state } if self.applier.issued == 0 => {
-                let id = self.meta.counter + 1;
+            Phase::Starting { mut pre, state } if self.applier.issued == 0 => {
+                pre.id = self.meta.counter + 1;
+                let id = pre.id;
                 self.undo.phase = Phase::Flushing {
-                    pre_seq,
-                    pre_state,
-                    id,
+                    pre,
+                    state,
                     left: 2,
                 };
                 self.undo.epoch += 1;
@@ -419,13 +422,7 @@ impl Volume {
         journal: bool,
         result: Result<Option<Bytes>, IoError>,
     ) {
-        let Phase::Flushing {
-            pre_seq,
-            pre_state,
-            id,
-            left,
-        } = self.undo.phase
-        else {
+        let Phase::Flushing { pre, state, left } = self.undo.phase else {
             return;
         };
         if let Err(e) = result {
@@ -449,21 +446,13 @@ impl Volume {
         }
         if left > 1 {
             self.undo.phase = Phase::Flushing {
-                pre_seq,
-                pre_state,
-                id,
+                pre,
+                state,
                 left: left - 1,
             };
             return;
         }
-        let session = UndoMeta {
-            id,
-            seq: pre_seq,
-            generation: self.meta.generation,
-            crashed_primary: self.meta.has(crate::meta::FLAG_CRASHED_PRIMARY),
-        };
-        let _ = pre_state;
-        self.undo.session = Some(session);
+        self.undo.session = Some(pre);
         self.undo.phase = Phase::Active;
         self.undo.log = UndoLog {
             records: Vec::new(),
@@ -479,7 +468,8 @@ impl Volume {
             "catchup",
             format!(
                 "protected catch-up: blocks are saved to the undo log before they are \
-                 overwritten; a takeover now rolls back to sequence {pre_seq}"
+                 overwritten; a takeover now rolls back to sequence {}",
+                pre.seq
             ),
         );
     }
@@ -636,7 +626,6 @@ impl Volume {
             reads_left: n,
             writes_left: 0,
             positions: Vec::new(),
-            syncing: false,
         });
         for (i, (offset, len)) in reads.into_iter().enumerate() {
             self.issue(
@@ -728,7 +717,6 @@ impl Volume {
         };
         b.writes_left -= 1;
         if b.writes_left == 0 {
-            b.syncing = true;
             self.issue(Purpose::UndoSync { epoch }, DiskKind::JournalSync);
         }
     }
