@@ -21,6 +21,11 @@ command -v fio      >/dev/null || need+=(fio)
 command -v nbdkit   >/dev/null || need+=(nbdkit)
 command -v python3  >/dev/null || need+=(python3)
 command -v cc       >/dev/null || need+=(gcc)
+# The eBPF latency programs (ebpf/*.bpf.c) are built by clang with libbpf's headers.
+command -v clang    >/dev/null || need+=(clang)
+[ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+command -v losetup  >/dev/null || need+=(mount)
+command -v setpriv >/dev/null || need+=(util-linux)
 
 vm_need=()
 if [ "$vm" = 1 ]; then

@@ -28,6 +28,7 @@
 //! metadata = "/var/lib/blkrep/r0.md"
 //! nbd = "unix:/run/blkrep/r0.nbd"  # optional: "unix:PATH" or "tcp:127.0.0.1:10809"
 //! metrics = "127.0.0.1:9707"       # optional: Prometheus text-format endpoint
+//! ebpf = "auto"                    # block-device latency by eBPF: auto (default), require, off
 //! journal = "/var/lib/blkrep/r0.journal" # optional: the primary's persistent write journal
 //! journal_size = "1G"              # its size (default 256M, at least 8M)
 //!
@@ -246,6 +247,7 @@ struct RawNode {
     ublk_depth: Option<i64>,
     journal: Option<PathBuf>,
     journal_size: Option<Size>,
+    ebpf: Option<String>,
 }
 
 /// The resource section, validated.
@@ -314,6 +316,20 @@ pub struct NodeConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// The persistent write journal (file or block device) and its size, if configured.
     pub journal: Option<(PathBuf, u64)>,
+    /// Block-device latency tracking by eBPF.
+    pub ebpf: Ebpf,
+}
+
+/// Whether the daemon traces its block devices with eBPF (`[[node]] ebpf = ...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ebpf {
+    /// Try; without the privileges or kernel support, say why once and go on without.
+    #[default]
+    Auto,
+    /// Refuse to start without it.
+    Require,
+    /// Do not load the programs.
+    Off,
 }
 
 /// A validated resource configuration.
@@ -470,6 +486,17 @@ impl Config {
                     )
                 })?),
             };
+            let ebpf = match n.ebpf.as_deref() {
+                None | Some("auto") => Ebpf::Auto,
+                Some("require") => Ebpf::Require,
+                Some("off") => Ebpf::Off,
+                Some(other) => {
+                    return Err(invalid(
+                        f("ebpf"),
+                        format!("{other:?} is not one of \"auto\", \"require\", \"off\""),
+                    ))
+                }
+            };
             if let Some(l) = &n.listen {
                 check_address(l).map_err(|p| invalid(f("listen"), p))?;
             }
@@ -562,6 +589,7 @@ impl Config {
                 ublk: node_ublk,
                 metrics,
                 journal,
+                ebpf,
             });
         }
         if nodes[0].name == nodes[1].name {

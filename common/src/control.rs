@@ -43,6 +43,8 @@ pub enum Request {
         #[serde(default)]
         repair: bool,
     },
+    /// Latency histograms (a [`crate::latency::LatencyReport`]).
+    Latency,
     /// Stop cleanly.
     Shutdown,
 }

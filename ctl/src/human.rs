@@ -319,6 +319,138 @@ pub fn plan(v: &serde_json::Value) -> String {
     o
 }
 
+/// A latency in microseconds, in the unit that reads best.
+pub fn micros(us: f64) -> String {
+    if us >= 1_000_000.0 {
+        format!("{:.2} s", us / 1_000_000.0)
+    } else if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+/// One histogram, biolatency style: a row per log2 slot with a bar.
+fn histogram(out: &mut String, h: &blkrep_common::latency::Histogram) {
+    use blkrep_common::latency::slot_bounds;
+    let max = h.slots.iter().copied().max().unwrap_or(0).max(1);
+    let first = h.slots.iter().position(|&c| c > 0).unwrap_or(0);
+    let _ = writeln!(out, "  {:>21} : {:<9} distribution", "usecs", "count");
+    for (i, &c) in h.slots.iter().enumerate().skip(first) {
+        let (lo, hi) = slot_bounds(i);
+        let bar = "*".repeat(((c * 40).div_ceil(max)) as usize);
+        let _ = writeln!(
+            out,
+            "  {:>10} -> {:<8}: {:<9} |{bar:<40}|",
+            lo as u64,
+            hi as u64 - 1,
+            c
+        );
+    }
+}
+
+fn summary_line(h: &blkrep_common::latency::Histogram) -> String {
+    format!(
+        "count {}  mean {}  p50 {}  p99 {}  p99.9 {}",
+        h.count,
+        micros(h.mean_us()),
+        micros(h.p50_us),
+        micros(h.p99_us),
+        micros(h.p999_us)
+    )
+}
+
+/// `blkrep latency`: the eBPF state, then each device/operation and each stage that has
+/// samples (all stages with `all`).
+pub fn latency(r: &blkrep_common::latency::LatencyReport, all: bool) -> String {
+    let mut out = String::new();
+    let e = &r.ebpf;
+    match e.state.as_str() {
+        "active" => {
+            let _ = writeln!(
+                out,
+                "eBPF: active ({}) on {}",
+                e.attach.as_deref().unwrap_or("?"),
+                e.devices.join(", ")
+            );
+        }
+        other => {
+            let _ = writeln!(
+                out,
+                "eBPF: {other}: {} (block-device histograms missing; the stages below are the daemon's)",
+                e.reason.as_deref().unwrap_or("no reason given")
+            );
+        }
+    }
+    let _ = writeln!(out, "over the last {:.1} s", r.uptime_s);
+    for d in &r.devices {
+        if d.hist.count == 0 && !all {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "\n{} {} ({}, {}): {}",
+            d.device,
+            d.op,
+            d.role,
+            d.dev,
+            summary_line(&d.hist)
+        );
+        histogram(&mut out, &d.hist);
+    }
+    for s in &r.stages {
+        if s.hist.count == 0 && !all {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "\nstage {} ({}): {}",
+            s.stage,
+            s.what,
+            summary_line(&s.hist)
+        );
+        histogram(&mut out, &s.hist);
+    }
+    if r.devices.iter().all(|d| d.hist.count == 0) && r.stages.iter().all(|s| s.hist.count == 0) {
+        let _ = writeln!(out, "\nno I/O yet");
+    }
+    out
+}
+
+/// What happened between two reports (for `--watch`): counts and slots subtracted, the
+/// quantiles recomputed from the slots of the interval.
+pub fn latency_delta(
+    now: &blkrep_common::latency::LatencyReport,
+    before: &blkrep_common::latency::LatencyReport,
+) -> blkrep_common::latency::LatencyReport {
+    use blkrep_common::latency::{Histogram, SLOTS};
+    let sub = |a: &Histogram, b: Option<&Histogram>| {
+        let mut slots = [0u64; SLOTS];
+        for (i, s) in slots.iter_mut().enumerate() {
+            let x = a.slots.get(i).copied().unwrap_or(0);
+            let y = b.and_then(|b| b.slots.get(i).copied()).unwrap_or(0);
+            *s = x.saturating_sub(y);
+        }
+        Histogram::from_slots(&slots, a.sum_ns.saturating_sub(b.map_or(0, |b| b.sum_ns)))
+    };
+    let mut r = now.clone();
+    r.uptime_s = now.uptime_s - before.uptime_s;
+    for d in &mut r.devices {
+        let b = before
+            .devices
+            .iter()
+            .find(|x| x.dev == d.dev && x.op == d.op);
+        d.issued -= b.map_or(0, |b| b.issued.min(d.issued));
+        d.completed -= b.map_or(0, |b| b.completed.min(d.completed));
+        d.hist = sub(&d.hist, b.map(|b| &b.hist));
+    }
+    for s in &mut r.stages {
+        let b = before.stages.iter().find(|x| x.stage == s.stage);
+        s.hist = sub(&s.hist, b.map(|b| &b.hist));
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -125,6 +125,26 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Latency histograms: the volume's block devices as the kernel sees them (eBPF), and
+    /// each stage of the replication path as the daemon times it; p50/p99/p99.9.
+    Latency {
+        resource: Option<String>,
+        /// Redraw every INTERVAL seconds, showing what happened in the interval.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between redraws with --watch.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Stop after this many intervals with --watch (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+        /// Show empty histograms too.
+        #[arg(long)]
+        all: bool,
+        /// JSON (with --watch: one object per interval, a line each).
+        #[arg(long)]
+        json: bool,
+    },
     /// Failback: show what the next connection moves (direction, method, bytes).
     Failback {
         resource: Option<String>,
@@ -148,7 +168,8 @@ impl Verb {
             | Verb::Demote { resource, .. }
             | Verb::Resolve { resource, .. }
             | Verb::Verify { resource, .. }
-            | Verb::Failback { resource, .. } => resource.as_deref(),
+            | Verb::Failback { resource, .. }
+            | Verb::Latency { resource, .. } => resource.as_deref(),
             Verb::Keygen { .. } => None,
         }
     }
@@ -360,6 +381,14 @@ fn run(cli: Cli) -> Result<u8, Fail> {
             json,
             ..
         } => verify(&cfg, &node, repair, no_wait, json),
+        Verb::Latency {
+            watch,
+            interval,
+            count,
+            all,
+            json,
+            ..
+        } => latency(&cfg, &node, watch, interval, count, all, json),
         Verb::Failback { json, .. } => {
             let v = call(&cfg, &node, &Request::Plan)?;
             if json {
@@ -370,6 +399,58 @@ fn run(cli: Cli) -> Result<u8, Fail> {
             Ok(0)
         }
     }
+}
+
+/// `blkrep latency`: one report, or with `watch` one per interval (the interval's own).
+fn latency(
+    cfg: &Config,
+    node: &str,
+    watch: bool,
+    interval: f64,
+    count: Option<u64>,
+    all: bool,
+    json: bool,
+) -> Result<u8, Fail> {
+    use blkrep_common::latency::LatencyReport;
+    use std::io::IsTerminal;
+    let get = || -> Result<LatencyReport, Fail> {
+        let v = call(cfg, node, &Request::Latency)?;
+        serde_json::from_value(v)
+            .map_err(|e| anyhow::anyhow!("the daemon's latency report: {e}").into())
+    };
+    let mut last = get()?;
+    if !watch {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&last)?);
+        } else {
+            print!("{}", human::latency(&last, all));
+        }
+        return Ok(0);
+    }
+    if !(interval > 0.0 && interval.is_finite()) {
+        return Err(Fail(
+            2,
+            anyhow::anyhow!("--interval must be a positive number of seconds"),
+        ));
+    }
+    let clear = std::io::stdout().is_terminal() && !json;
+    let mut n = 0;
+    while count.is_none_or(|c| n < c) {
+        std::thread::sleep(Duration::from_secs_f64(interval));
+        let now = get()?;
+        let d = human::latency_delta(&now, &last);
+        if json {
+            println!("{}", serde_json::to_string(&d)?);
+        } else {
+            if clear {
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", human::latency(&d, all));
+        }
+        last = now;
+        n += 1;
+    }
+    Ok(0)
 }
 
 /// `blkrep verify`: start, follow the progress (a bar on a terminal), report.

@@ -685,6 +685,11 @@ impl Volume {
     }
 
     /// This node's role.
+    /// Client modifications waiting in the backpressure queue (admitted in arrival order).
+    pub fn stalled_requests(&self) -> usize {
+        self.stalled.len()
+    }
+
     pub fn role(&self) -> Role {
         self.role
     }

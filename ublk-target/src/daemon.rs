@@ -195,6 +195,8 @@ pub struct Loop {
     outs: Vec<Output>,
     scratch: Vec<u8>,
     iov_scratch: Vec<libc::iovec>,
+    /// Stage latencies and the eBPF block-device histograms.
+    tracking: crate::latency::Tracking,
 }
 
 impl Loop {
@@ -239,7 +241,14 @@ impl Loop {
             outs: Vec::new(),
             scratch: Vec::new(),
             iov_scratch: Vec::new(),
+            tracking: crate::latency::Tracking::stages_only("not started by this daemon"),
         })
+    }
+
+    /// Track latency with `t` (the eBPF programs, if it attached them).
+    pub fn with_tracking(mut self, t: crate::latency::Tracking) -> Loop {
+        self.tracking = t;
+        self
     }
 
     /// Run until the engine stops.
@@ -407,8 +416,12 @@ impl Loop {
     }
 
     fn feed(&mut self, input: Input) {
+        self.time_input(&input);
         let mut outs = std::mem::take(&mut self.outs);
         self.vol.handle(input, &mut outs);
+        self.tracking
+            .stages
+            .admitted(self.vol.stalled_requests(), Instant::now());
         for o in outs.drain(..) {
             self.output(o);
         }
@@ -419,7 +432,64 @@ impl Loop {
         self.ublk_after_feed();
     }
 
+    /// Start or end the stage timings an engine input concerns.
+    fn time_input(&mut self, input: &Input) {
+        use crate::latency::Stage;
+        let now = Instant::now();
+        let st = &mut self.tracking.stages;
+        match input {
+            Input::ClientRead { req, .. } => st.client_start(*req, Stage::ClientRead, false, now),
+            Input::ClientWrite { req, .. }
+            | Input::ClientWriteZeroes { req, .. }
+            | Input::ClientTrim { req, .. } => st.client_start(*req, Stage::ClientWrite, true, now),
+            Input::ClientFlush { req } => st.client_start(*req, Stage::ClientFlush, true, now),
+            Input::DiskDone { op, .. } => st.disk_done(*op, now),
+            Input::PeerMsg {
+                msg: blkrep_engine::msg::Msg::Item(it),
+                ..
+            } if !it.resync => st.received(it.seq, now),
+            Input::PeerMsg {
+                msg: blkrep_engine::msg::Msg::Ack { applied, .. },
+                ..
+            } => st.acked(*applied, now),
+            Input::PeerClosed { .. } => st.link_lost(),
+            _ => {}
+        }
+    }
+
+    /// Start or end the stage timings an engine output concerns.
+    fn time_output(&mut self, o: &Output) {
+        use crate::latency::Stage;
+        let now = Instant::now();
+        let st = &mut self.tracking.stages;
+        match o {
+            Output::Disk(d) => {
+                let stage = match d.kind {
+                    DiskKind::Read { .. } => Stage::BackingRead,
+                    DiskKind::Write { .. }
+                    | DiskKind::WriteZeroes { .. }
+                    | DiskKind::Trim { .. } => Stage::BackingWrite,
+                    DiskKind::Flush => Stage::BackingFlush,
+                    DiskKind::JournalWrite { .. } => Stage::JournalAppend,
+                    _ => return,
+                };
+                st.disk_start(d.op, stage, now);
+            }
+            Output::Send {
+                msg: blkrep_engine::msg::Msg::Item(it),
+                ..
+            } if !it.resync => st.shipped(it.seq, now),
+            Output::Send {
+                msg: blkrep_engine::msg::Msg::Ack { applied, .. },
+                ..
+            } => st.applied(*applied, now),
+            Output::Complete { req, .. } => st.client_done(*req, now),
+            _ => {}
+        }
+    }
+
     fn output(&mut self, o: Output) {
+        self.time_output(&o);
         match o {
             Output::Disk(DiskOp {
                 op,
@@ -508,10 +578,8 @@ impl Loop {
             let _ = c.reply.send(Ok(self.status_json()));
             return;
         }
-        if c.req == Request::Plan {
-            let _ = c
-                .reply
-                .send(Ok(serde_json::to_value(self.vol.plan()).unwrap_or_default()));
+        if matches!(c.req, Request::Plan | Request::Latency) {
+            self.admin_call(c);
             return;
         }
         if let Some(c) = self.ublk_gate(c) {
@@ -547,6 +615,12 @@ impl Loop {
                 let _ = c
                     .reply
                     .send(Ok(serde_json::to_value(self.vol.plan()).unwrap_or_default()));
+                return;
+            }
+            Request::Latency => {
+                let _ = c.reply.send(Ok(
+                    serde_json::to_value(self.tracking.report()).unwrap_or_default()
+                ));
                 return;
             }
             Request::Verify { repair } => AdminCmd::Verify { repair },

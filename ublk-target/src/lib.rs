@@ -9,6 +9,7 @@ pub mod backend;
 pub mod control;
 pub mod daemon;
 pub mod journal_file;
+pub mod latency;
 pub mod link;
 pub mod metrics;
 pub mod nbd;

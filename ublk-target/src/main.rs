@@ -16,6 +16,10 @@ struct Args {
     /// This node's name in the configuration.
     #[arg(long, short)]
     node: String,
+    /// Refuse to start unless the eBPF latency programs attach (overrides `ebpf` in the
+    /// node's configuration).
+    #[arg(long)]
+    require_ebpf: bool,
 }
 
 /// Keep request buffers (up to 32 MiB each) on the heap and the heap untrimmed: glibc
@@ -40,13 +44,18 @@ fn main() {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cfg = match blkrep_common::config::Config::load(&args.config) {
+    let mut cfg = match blkrep_common::config::Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("blkrepd: {e}");
             std::process::exit(2);
         }
     };
+    if args.require_ebpf {
+        for n in cfg.nodes.iter_mut().filter(|n| n.name == args.node) {
+            n.ebpf = blkrep_common::config::Ebpf::Require;
+        }
+    }
     if let Err(e) = blkrep_target::serve::run(&cfg, &args.node) {
         tracing::error!("{e:#}");
         eprintln!("blkrepd: {e:#}");

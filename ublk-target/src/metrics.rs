@@ -36,12 +36,17 @@ pub fn spawn(listener: TcpListener, control_socket: PathBuf) {
                 while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
                     line.clear();
                 }
-                let (status, body) =
-                    match control::call(&control_socket, &Request::Status, Duration::from_secs(5))
-                    {
-                        Ok(v) => ("200 OK", render(&v)),
-                        Err(e) => ("503 Service Unavailable", format!("# daemon busy: {e}\n")),
-                    };
+                let ask = |r: &Request| control::call(&control_socket, r, Duration::from_secs(5));
+                let (status, body) = match ask(&Request::Status) {
+                    Ok(v) => {
+                        let mut body = render(&v);
+                        if let Ok(l) = ask(&Request::Latency) {
+                            body.push_str(&render_latency(&v, &l));
+                        }
+                        ("200 OK", body)
+                    }
+                    Err(e) => ("503 Service Unavailable", format!("# daemon busy: {e}\n")),
+                };
                 let _ = write!(
                     conn,
                     "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -57,14 +62,72 @@ fn num(v: &Value) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The status as Prometheus text.
-pub fn render(s: &Value) -> String {
-    let e = &s["engine"];
-    let labels = format!(
+fn node_labels(s: &Value) -> String {
+    format!(
         "resource=\"{}\",node=\"{}\"",
         s["resource"].as_str().unwrap_or(""),
         s["node"].as_str().unwrap_or("")
+    )
+}
+
+/// The latency report as Prometheus summaries (quantiles in seconds, `_sum`, `_count`):
+/// `blkrep_block_latency_seconds` per device and operation (eBPF), and
+/// `blkrep_stage_latency_seconds` per stage; `blkrep_ebpf_active` says whether the
+/// block-device figures exist.
+pub fn render_latency(status: &Value, report: &Value) -> String {
+    use blkrep_common::latency::{Histogram, LatencyReport};
+    let Ok(r) = serde_json::from_value::<LatencyReport>(report.clone()) else {
+        return "# latency report unreadable\n".into();
+    };
+    let base = node_labels(status);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP blkrep_ebpf_active 1 while the eBPF block-device latency programs are attached"
     );
+    let _ = writeln!(o, "# TYPE blkrep_ebpf_active gauge");
+    let _ = writeln!(
+        o,
+        "blkrep_ebpf_active{{{base}}} {}",
+        (r.ebpf.state == "active") as u8
+    );
+    let summary = |o: &mut String, name: &str, labels: &str, h: &Histogram| {
+        for (q, v) in [("0.5", h.p50_us), ("0.99", h.p99_us), ("0.999", h.p999_us)] {
+            let _ = writeln!(o, "{name}{{{labels},quantile=\"{q}\"}} {}", v / 1e6);
+        }
+        let _ = writeln!(o, "{name}_sum{{{labels}}} {}", h.sum_ns as f64 / 1e9);
+        let _ = writeln!(o, "{name}_count{{{labels}}} {}", h.count);
+    };
+    let name = "blkrep_block_latency_seconds";
+    let _ = writeln!(
+        o,
+        "# HELP {name} block-layer request latency of the volume's devices (eBPF), issue to complete"
+    );
+    let _ = writeln!(o, "# TYPE {name} summary");
+    for d in &r.devices {
+        let labels = format!(
+            "{base},device=\"{}\",role=\"{}\",op=\"{}\"",
+            d.device, d.role, d.op
+        );
+        summary(&mut o, name, &labels, &d.hist);
+    }
+    let name = "blkrep_stage_latency_seconds";
+    let _ = writeln!(
+        o,
+        "# HELP {name} latency of each stage of the replication path, timed by the daemon"
+    );
+    let _ = writeln!(o, "# TYPE {name} summary");
+    for s in &r.stages {
+        let labels = format!("{base},stage=\"{}\"", s.stage);
+        summary(&mut o, name, &labels, &s.hist);
+    }
+    o
+}
+
+/// The status as Prometheus text.
+pub fn render(s: &Value) -> String {
+    let e = &s["engine"];
+    let labels = node_labels(s);
     let mut o = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
         let _ = writeln!(o, "# HELP blkrep_{name} {help}");

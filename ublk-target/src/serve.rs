@@ -103,6 +103,13 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let mut traced = vec![(me.backing.as_path(), "backing")];
+    if let Some((j, _)) = &me.journal {
+        traced.push((j.as_path(), "journal"));
+    }
+    traced.push((me.metadata.as_path(), "metadata"));
+    let tracking =
+        crate::latency::Tracking::start(me.ebpf, &crate::latency::node_devices(&traced))?;
     let nbd = cfg.nbd_listen(node);
     let nbd_bound = match frontend {
         Frontend::Ublk => None,
@@ -208,8 +215,8 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         },
     };
     // The loop (its ring, the tag buffers, the char device) is gone once this returns.
-    let r =
-        Loop::new(vol, backing, meta_area, journal_file, shared, ident, ublk).and_then(|l| l.run());
+    let r = Loop::new(vol, backing, meta_area, journal_file, shared, ident, ublk)
+        .and_then(|l| l.with_tracking(tracking).run());
     stop.store(true, Ordering::Relaxed);
     if let Some(u) = ublk_setup {
         u.finish();

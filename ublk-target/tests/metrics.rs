@@ -30,7 +30,7 @@ fn parse(body: &str) -> Vec<Sample> {
             let mut it = rest.split(' ');
             let name = it.next().unwrap().to_string();
             let kind = it.next().unwrap();
-            assert!(matches!(kind, "gauge" | "counter"), "{line}");
+            assert!(matches!(kind, "gauge" | "counter" | "summary"), "{line}");
             typed.insert(name);
             continue;
         }
@@ -42,7 +42,12 @@ fn parse(body: &str) -> Vec<Sample> {
             name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
             "bad metric name in {line}"
         );
-        assert!(typed.contains(name), "sample before its # TYPE: {line}");
+        let family = name
+            .strip_suffix("_sum")
+            .or_else(|| name.strip_suffix("_count"))
+            .filter(|f| typed.contains(*f))
+            .unwrap_or(name);
+        assert!(typed.contains(family), "sample before its # TYPE: {line}");
         let (labels, value) = rest.split_once("} ").unwrap_or_else(|| panic!("{line}"));
         let labels: Vec<(String, String)> = labels
             .split(',')
@@ -68,6 +73,20 @@ fn value(samples: &[Sample], name: &str) -> f64 {
         .2
 }
 
+/// The value of the sample of `name` carrying every label of `want`.
+fn labeled(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .find(|s| {
+            s.0 == name
+                && want
+                    .iter()
+                    .all(|(k, v)| s.1.iter().any(|(a, b)| a == k && b == v))
+        })
+        .unwrap_or_else(|| panic!("{name} {want:?} missing"))
+        .2
+}
+
 #[test]
 fn metrics_endpoint_serves_the_exposition_format() {
     let ports = [free_port(), free_port()];
@@ -81,6 +100,13 @@ fn metrics_endpoint_serves_the_exposition_format() {
         ],
     );
     p.start(0);
+    // 32 writes of 64 KiB, each its own qemu-io request, replicated.
+    let cmds: Vec<String> = (0..32)
+        .map(|i| format!("write -P {} {} 64k", i + 1, i * 65536))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    p.qemu_io_ok(0, &cmds);
+    p.wait_in_sync(0);
     for (i, port) in ports.iter().enumerate() {
         let body = scrape(&format!("127.0.0.1:{port}"));
         let samples = parse(&body);
@@ -100,6 +126,33 @@ fn metrics_endpoint_serves_the_exposition_format() {
         ] {
             assert!(value(&samples, name) >= 0.0, "{name}");
         }
+        // Latency quantiles of the replication stages, as summaries.
+        let stage = "blkrep_stage_latency_seconds";
+        let (own, count_at_least) = if i == 0 {
+            ("client_write", 32.0)
+        } else {
+            ("remote_apply", 32.0)
+        };
+        let n = labeled(&samples, &format!("{stage}_count"), &[("stage", own)]);
+        assert!(n >= count_at_least, "{own} count {n}\n{body}");
+        let p50 = labeled(&samples, stage, &[("stage", own), ("quantile", "0.5")]);
+        let p99 = labeled(&samples, stage, &[("stage", own), ("quantile", "0.99")]);
+        assert!(
+            p50 > 0.0 && p99 >= p50 && p99 < 60.0,
+            "{own}: p50 {p50} p99 {p99}"
+        );
+        assert!(labeled(&samples, &format!("{stage}_sum"), &[("stage", own)]) > 0.0);
+        if i == 0 {
+            let acks = labeled(
+                &samples,
+                &format!("{stage}_count"),
+                &[("stage", "ship_ack")],
+            );
+            assert!(acks >= 32.0, "ship_ack count {acks}");
+        }
+        // eBPF state is exported either way (the backing here is a file in a temp dir).
+        let ebpf = value(&samples, "blkrep_ebpf_active");
+        assert!(ebpf == 0.0 || ebpf == 1.0);
     }
     // The link goes down: the primary's endpoint says so.
     p.ok(1, &["down"]);

@@ -253,6 +253,7 @@ impl Loop {
                 Done::Started(Ok(())) => {
                     u.phase = Phase::Live;
                     tracing::info!("ublk: serving {path}");
+                    self.tracking.add_frontend(std::path::Path::new(&path));
                 }
                 Done::Started(Err(e)) => {
                     tracing::error!("ublk: cannot start {path}: {e}");
