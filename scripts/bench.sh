@@ -9,6 +9,8 @@
 #             the encrypted link is async / async-plain
 #   async-journal   async with the primary's persistent journal (512M, a file beside the
 #             backing, on the same disk): the cost of the journal is async-journal / async
+#   async-noebpf    async with `ebpf = "off"`: the cost of the eBPF latency programs
+#             (attached to the disk under the backing, as root) is async / async-noebpf
 # The replica's backing lives in --replica-dir (default /dev/shm): a remote node has a disk
 # of its own, so by default the replica does not compete for this disk (it still competes
 # for the CPUs). --replica-dir on the same disk as --dir shows the same-disk case.
@@ -53,7 +55,7 @@ mkdir -p "$RUN"
 pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  for m in async sync async-plain sync-plain async-journal; do
+  for m in async sync async-plain sync-plain async-journal async-noebpf; do
     [ -f "$DIR/$m.toml" ] && for n in alpha beta; do
       "$BIN/blkrep" --config "$DIR/$m.toml" --node $n down --timeout 20 >/dev/null 2>&1 || true
     done
@@ -86,7 +88,11 @@ journal_lines() { # contender
   case "$1" in *-journal) printf 'journal = "%s"\njournal_size = "512M"\n' "$DIR/alpha.journal" ;; esac
 }
 
-write_config() { # contender: async, sync, async-plain, sync-plain, async-journal
+ebpf_lines() { # contender
+  case "$1" in *-noebpf) echo 'ebpf = "off"' ;; esac
+}
+
+write_config() { # contender: async, sync, async-plain, sync-plain, async-journal, async-noebpf
   local c=$1 m=${1%%-*} insecure=false
   case "$c" in *-plain) insecure=true ;; esac
   cat >"$DIR/$c.toml" <<EOF
@@ -105,6 +111,7 @@ backing = "$IMG"
 metadata = "$DIR/alpha-$c.md"
 $(tls_lines alpha "$c")
 $(journal_lines "$c")
+$(ebpf_lines "$c")
 
 [[node]]
 name = "beta"
@@ -112,6 +119,7 @@ address = "127.0.0.1:$(port)"
 backing = "$REPLICA"
 metadata = "$DIR/beta-$c.md"
 $(tls_lines beta "$c")
+$(ebpf_lines "$c")
 EOF
 }
 
@@ -175,7 +183,7 @@ for r in $(seq "$ROUNDS"); do
         wait_sock "$RUN/qemu.sock"
         nbd_fio "$r" qemu-nbd "nbd+unix:///vol?socket=$RUN/qemu.sock"
         kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true ;;
-      async|sync|async-plain|sync-plain|async-journal)
+      async|sync|async-plain|sync-plain|async-journal|async-noebpf)
         write_config "$c"
         cfg=$DIR/$c.toml
         for n in alpha beta; do

@@ -221,6 +221,7 @@ write_config() {
       echo "address = \"${ADDR[$s]}:$PORT\""
       echo "backing = \"$(backing "$s")\""
       echo "metadata = \"$WORK/$s.md\""
+      if [ -n "${NODE_EXTRA:-}" ]; then echo "$NODE_EXTRA"; fi
       if ! grep -q '^insecure = true' <<<"${RESOURCE_EXTRA:-}"; then
         [ -f "$WORK/$s.toml" ] || blkrep keygen --force --out "$WORK/$s" >"$WORK/$s.toml"
         grep -E '^(key|cert|fingerprint) =' "$WORK/$s.toml"
