@@ -12,7 +12,7 @@
  * -target bpf) and runs on any kernel from 5.17 on (where struct request lost rq_disk).
  *
  * Every map value and key below is mirrored by a #[repr(C)] type in
- * ublk-target/src/latency/bpf.rs; change both together.
+ * ublk-target/src/latency/bpf.rs; change both together (NR_OPS and the op order too).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -42,14 +42,10 @@ struct request {
 #define REQ_OP_FLUSH 2
 #define REQ_OP_DISCARD 3
 
-enum { OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_OTHER };
+enum { OP_READ, OP_WRITE, OP_FLUSH, OP_DISCARD, OP_OTHER, NR_OPS };
 
 #define SLOTS 32
-
-struct hkey {
-	__u32 dev; /* MKDEV: major << 20 | minor */
-	__u32 op;
-};
+#define MAX_DEVS 64
 
 struct hval {
 	__u64 slots[SLOTS]; /* slot i: latency in [2^i, 2^(i+1)) microseconds (slot 0 from 0) */
@@ -60,10 +56,11 @@ struct hval {
 
 struct start {
 	__u64 ts;
-	__u32 dev;
+	__u32 idx; /* the histogram entry: device index * NR_OPS + op */
 	__u32 pad;
 };
 
+/* In-flight requests of traced devices: issue time, keyed by the request pointer. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
@@ -71,33 +68,25 @@ struct {
 	__type(value, struct start);
 } starts SEC(".maps");
 
+/* Traced devices: MKDEV(major, minor) -> device index (0..MAX_DEVS-1), set by userspace. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 64);
+	__uint(max_entries, MAX_DEVS);
 	__type(key, __u32);
-	__type(value, __u8);
+	__type(value, __u32);
 } devs SEC(".maps");
 
+/* Histograms, indexed by device index * NR_OPS + op: an array, so the lookup is inlined. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 320);
-	__type(key, struct hkey);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_DEVS * NR_OPS);
+	__type(key, __u32);
 	__type(value, struct hval);
 } hists SEC(".maps");
 
-static __always_inline __u32 rq_dev(struct request *rq)
+static __always_inline __u32 op_of(unsigned int cmd_flags)
 {
-	struct gendisk *disk = BPF_CORE_READ(rq, q, disk);
-	if (!disk)
-		return 0;
-	__u32 major = BPF_CORE_READ(disk, major);
-	__u32 minor = BPF_CORE_READ(disk, first_minor);
-	return (major << 20) | minor;
-}
-
-static __always_inline __u32 rq_op(struct request *rq)
-{
-	switch (BPF_CORE_READ(rq, cmd_flags) & REQ_OP_MASK) {
+	switch (cmd_flags & REQ_OP_MASK) {
 	case REQ_OP_READ:
 		return OP_READ;
 	case REQ_OP_WRITE:
@@ -111,53 +100,51 @@ static __always_inline __u32 rq_op(struct request *rq)
 	}
 }
 
-static __always_inline struct hval *hist_of(__u32 dev, __u32 op)
+/* The histogram entry of a request, or -1 when its device is not traced. */
+static __always_inline int entry_of(int major, int first_minor, unsigned int cmd_flags)
 {
-	struct hkey k = { .dev = dev, .op = op };
-	struct hval *v = bpf_map_lookup_elem(&hists, &k);
-	if (v)
-		return v;
-	struct hval zero = {};
-	bpf_map_update_elem(&hists, &k, &zero, BPF_NOEXIST);
-	return bpf_map_lookup_elem(&hists, &k);
+	__u32 dev = ((__u32)major << 20) | (__u32)first_minor;
+	__u32 *di = bpf_map_lookup_elem(&devs, &dev);
+	if (!di || *di >= MAX_DEVS)
+		return -1;
+	return *di * NR_OPS + op_of(cmd_flags);
 }
 
-static __always_inline int on_issue(struct request *rq)
+static __always_inline int on_issue(__u64 rq, int idx)
 {
-	__u32 dev = rq_dev(rq);
-	if (!bpf_map_lookup_elem(&devs, &dev))
+	if (idx < 0)
 		return 0;
-	__u64 key = (__u64)rq;
-	struct start s = { .ts = bpf_ktime_get_ns(), .dev = dev };
-	bpf_map_update_elem(&starts, &key, &s, BPF_ANY);
-	struct hval *v = hist_of(dev, rq_op(rq));
-	if (v)
-		__sync_fetch_and_add(&v->issued, 1);
+	__u32 i = idx;
+	struct hval *v = bpf_map_lookup_elem(&hists, &i);
+	if (!v)
+		return 0;
+	struct start s = { .ts = bpf_ktime_get_ns(), .idx = i };
+	bpf_map_update_elem(&starts, &rq, &s, BPF_ANY);
+	__sync_fetch_and_add(&v->issued, 1);
 	return 0;
 }
 
-static __always_inline int on_complete(struct request *rq)
+static __always_inline int on_complete(__u64 rq, int idx)
 {
-	__u32 dev = rq_dev(rq);
-	if (!bpf_map_lookup_elem(&devs, &dev))
+	if (idx < 0)
 		return 0;
-	struct hval *v = hist_of(dev, rq_op(rq));
+	__u32 i = idx;
+	struct hval *v = bpf_map_lookup_elem(&hists, &i);
 	if (!v)
 		return 0;
 	__sync_fetch_and_add(&v->completed, 1);
-	__u64 key = (__u64)rq;
-	struct start *s = bpf_map_lookup_elem(&starts, &key);
+	struct start *s = bpf_map_lookup_elem(&starts, &rq);
 	if (!s)
 		return 0; /* issued before we attached */
 	__u64 delta = bpf_ktime_get_ns() - s->ts;
-	bpf_map_delete_elem(&starts, &key);
+	bpf_map_delete_elem(&starts, &rq);
 	__u64 us = delta / 1000;
 	__u32 slot = 0;
 	/* log2, bounded for the verifier */
 #pragma unroll
-	for (int i = 0; i < SLOTS - 1; i++) {
-		if (us >> (i + 1))
-			slot = i + 1;
+	for (int b = 0; b < SLOTS - 1; b++) {
+		if (us >> (b + 1))
+			slot = b + 1;
 	}
 	if (slot >= SLOTS)
 		slot = SLOTS - 1;
@@ -166,26 +153,50 @@ static __always_inline int on_complete(struct request *rq)
 	return 0;
 }
 
-SEC("tp_btf/block_rq_issue")
-int blk_issue_btf(__u64 *ctx)
+/*
+ * BTF tracepoints: the arguments are typed pointers the verifier lets us dereference
+ * directly (plain loads, CO-RE relocated), no probe_read helper calls.
+ */
+static __always_inline int entry_btf(struct request *rq)
 {
-	return on_issue((struct request *)ctx[0]);
+	struct gendisk *disk = rq->q->disk;
+	if (!disk)
+		return -1;
+	return entry_of(disk->major, disk->first_minor, rq->cmd_flags);
+}
+
+SEC("tp_btf/block_rq_issue")
+int BPF_PROG(blk_issue_btf, struct request *rq)
+{
+	return on_issue((__u64)rq, entry_btf(rq));
 }
 
 SEC("tp_btf/block_rq_complete")
-int blk_complete_btf(__u64 *ctx)
+int BPF_PROG(blk_complete_btf, struct request *rq)
 {
-	return on_complete((struct request *)ctx[0]);
+	return on_complete((__u64)rq, entry_btf(rq));
+}
+
+/* Raw tracepoints: untyped arguments, read through bpf_probe_read_kernel (BPF_CORE_READ). */
+static __always_inline int entry_raw(struct request *rq)
+{
+	struct gendisk *disk = BPF_CORE_READ(rq, q, disk);
+	if (!disk)
+		return -1;
+	return entry_of(BPF_CORE_READ(disk, major), BPF_CORE_READ(disk, first_minor),
+			BPF_CORE_READ(rq, cmd_flags));
 }
 
 SEC("raw_tp/block_rq_issue")
 int blk_issue_raw(struct bpf_raw_tracepoint_args *ctx)
 {
-	return on_issue((struct request *)ctx->args[0]);
+	struct request *rq = (struct request *)ctx->args[0];
+	return on_issue((__u64)rq, entry_raw(rq));
 }
 
 SEC("raw_tp/block_rq_complete")
 int blk_complete_raw(struct bpf_raw_tracepoint_args *ctx)
 {
-	return on_complete((struct request *)ctx->args[0]);
+	struct request *rq = (struct request *)ctx->args[0];
+	return on_complete((__u64)rq, entry_raw(rq));
 }

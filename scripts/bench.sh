@@ -11,6 +11,10 @@
 #             backing, on the same disk): the cost of the journal is async-journal / async
 #   async-noebpf    async with `ebpf = "off"`: the cost of the eBPF latency programs
 #             (attached to the disk under the backing, as root) is async / async-noebpf
+#   async-bpfstats  async with the kernel's BPF run-time statistics on during each job
+#             (kernel.bpf_stats_enabled=1): the CPU time the programs took, per request and
+#             as a share of the machine's CPU time during the job (an upper bound of the
+#             throughput they can cost a CPU-bound run), without the noise of an A/B
 # The replica's backing lives in --replica-dir (default /dev/shm): a remote node has a disk
 # of its own, so by default the replica does not compete for this disk (it still competes
 # for the CPUs). --replica-dir on the same disk as --dir shows the same-disk case.
@@ -55,13 +59,13 @@ mkdir -p "$RUN"
 pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  for m in async sync async-plain sync-plain async-journal async-noebpf; do
+  for m in async sync async-plain sync-plain async-journal async-noebpf async-bpfstats; do
     [ -f "$DIR/$m.toml" ] && for n in alpha beta; do
       "$BIN/blkrep" --config "$DIR/$m.toml" --node $n down --timeout 20 >/dev/null 2>&1 || true
     done
   done
 }
-trap 'cleanup; case "$REPLICA_DIR" in /dev/shm/*) rm -rf "$REPLICA_DIR";; esac' EXIT
+trap '[ -w /proc/sys/kernel/bpf_stats_enabled ] && echo 0 >/proc/sys/kernel/bpf_stats_enabled; cleanup; case "$REPLICA_DIR" in /dev/shm/*) rm -rf "$REPLICA_DIR";; esac' EXIT
 
 bytes=$(numfmt --from=iec "$SIZE")
 echo "bench: preconditioning $IMG and $REPLICA ($SIZE, non-zero data)"
@@ -167,7 +171,11 @@ nbd_fio() { # round contender uri
 
 for r in $(seq "$ROUNDS"); do
   echo "bench: round $r of $ROUNDS"
-  for c in $ONLY; do
+  # Even rounds run the contenders in reverse order: whatever the order itself costs (the
+  # disk's state after the previous contender, a warm cache) falls on each side in turn.
+  order=$ONLY
+  if [ $((r % 2)) = 0 ]; then order=$(tr ' ' '\n' <<<"$ONLY" | tac | tr '\n' ' '); fi
+  for c in $order; do
     case "$c" in
       raw)
         for j in $JOBS; do run_fio "$r" "$j" raw --ioengine=io_uring --direct=1 --filename="$IMG"; done ;;
@@ -183,7 +191,7 @@ for r in $(seq "$ROUNDS"); do
         wait_sock "$RUN/qemu.sock"
         nbd_fio "$r" qemu-nbd "nbd+unix:///vol?socket=$RUN/qemu.sock"
         kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true ;;
-      async|sync|async-plain|sync-plain|async-journal|async-noebpf)
+      async|sync|async-plain|sync-plain|async-journal|async-noebpf|async-bpfstats)
         write_config "$c"
         cfg=$DIR/$c.toml
         for n in alpha beta; do
@@ -193,7 +201,15 @@ for r in $(seq "$ROUNDS"); do
         "$BIN/blkrep" --config "$cfg" --node alpha promote --timeout 30 >/dev/null
         wait_in_sync "$cfg"   # the initial full sync of a new pair
         for j in $JOBS; do
+          if [ "$c" = async-bpfstats ]; then
+            echo 1 >/proc/sys/kernel/bpf_stats_enabled
+            "$BIN/blkrep" --config "$cfg" --node alpha latency --json >"$OUT/$r-$j-$c.before.lat"
+          fi
           run_fio "$r" "$j" "$c" --ioengine=nbd --uri="nbd+unix:///r0?socket=$RUN/$c/r0-alpha.nbd"
+          if [ "$c" = async-bpfstats ]; then
+            "$BIN/blkrep" --config "$cfg" --node alpha latency --json >"$OUT/$r-$j-$c.after.lat"
+            echo 0 >/proc/sys/kernel/bpf_stats_enabled
+          fi
           wait_in_sync "$cfg" # an async backlog must not spill into the next job
         done
         for n in alpha beta; do "$BIN/blkrep" --config "$cfg" --node $n down --timeout 60 >/dev/null; done ;;

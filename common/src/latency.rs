@@ -139,6 +139,19 @@ pub struct EbpfState {
     /// The devices traced (`name (major:minor, role)`).
     #[serde(default)]
     pub devices: Vec<String>,
+    /// What the programs cost, when the kernel keeps BPF run-time statistics
+    /// (`sysctl kernel.bpf_stats_enabled=1`; off by default, as it costs two clock reads
+    /// per run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub programs: Vec<ProgramCost>,
+}
+
+/// One attached BPF program's runs and CPU time (from `/proc/self/fdinfo` of its fd).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProgramCost {
+    pub name: String,
+    pub run_count: u64,
+    pub run_time_ns: u64,
 }
 
 /// The answer to `Request::Latency`.

@@ -382,6 +382,17 @@ pub fn latency(r: &blkrep_common::latency::LatencyReport, all: bool) -> String {
             );
         }
     }
+    if !e.programs.is_empty() {
+        let runs: u64 = e.programs.iter().map(|p| p.run_count).sum();
+        let ns: u64 = e.programs.iter().map(|p| p.run_time_ns).sum();
+        let _ = writeln!(
+            out,
+            "eBPF cost (kernel.bpf_stats_enabled): {} runs, {:.0} ns per run, {:.3} s of CPU in all",
+            runs,
+            ns as f64 / runs.max(1) as f64,
+            ns as f64 / 1e9
+        );
+    }
     let _ = writeln!(out, "over the last {:.1} s", r.uptime_s);
     for d in &r.devices {
         if d.hist.count == 0 && !all {
@@ -458,5 +469,69 @@ mod tests {
         assert_eq!(super::bytes(512), "512 B");
         assert_eq!(super::bytes(1536), "1.5 KiB");
         assert_eq!(super::bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn latency_intervals_and_rendering() {
+        use blkrep_common::latency::*;
+        let hist = |slots: &[u64]| {
+            let mut s = [0u64; SLOTS];
+            s[..slots.len()].copy_from_slice(slots);
+            Histogram::from_slots(&s, slots.iter().sum::<u64>() * 10_000)
+        };
+        let report = |slots: &[u64], up: f64| LatencyReport {
+            ebpf: EbpfState {
+                state: "active".into(),
+                attach: Some("tp_btf".into()),
+                reason: None,
+                devices: vec!["loop0 (7:0, backing)".into()],
+                programs: vec![],
+            },
+            uptime_s: up,
+            devices: vec![DeviceLatency {
+                device: "loop0".into(),
+                dev: "7:0".into(),
+                role: "backing".into(),
+                op: "write".into(),
+                issued: slots.iter().sum(),
+                completed: slots.iter().sum(),
+                hist: hist(slots),
+            }],
+            stages: vec![StageLatency {
+                stage: "client_write".into(),
+                what: "client write".into(),
+                hist: hist(slots),
+            }],
+        };
+        let before = report(&[0, 0, 0, 5], 10.0);
+        let now = report(&[0, 0, 0, 5, 0, 0, 0, 20], 12.0);
+        let d = super::latency_delta(&now, &before);
+        assert_eq!(d.uptime_s, 2.0);
+        let dh = &d.devices[0].hist;
+        assert_eq!((dh.count, d.devices[0].completed), (20, 20));
+        assert_eq!(dh.slots[3], 0);
+        assert!((128.0..256.0).contains(&dh.p50_us), "{}", dh.p50_us);
+        assert_eq!(d.stages[0].hist.count, 20);
+        let text = super::latency(&d, false);
+        assert!(
+            text.contains("eBPF: active (tp_btf) on loop0 (7:0, backing)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("loop0 write (backing, 7:0): count 20"),
+            "{text}"
+        );
+        assert!(text.contains("128 -> 255"), "{text}");
+        assert!(text.contains("stage client_write"), "{text}");
+        let mut off = d.clone();
+        off.ebpf = EbpfState {
+            state: "unavailable".into(),
+            attach: None,
+            reason: Some("no BTF".into()),
+            devices: vec![],
+            programs: vec![],
+        };
+        off.devices.clear();
+        assert!(super::latency(&off, false).contains("eBPF: unavailable: no BTF"));
     }
 }

@@ -119,6 +119,13 @@ fn histogram_counts_every_completion(raw_only: bool) {
     let t = BlockTracker::start_with(std::slice::from_ref(&d), raw_only)
         .unwrap_or_else(|e| panic!("attach: {e}"));
     assert_eq!(t.attach_kind(), test);
+    assert!(
+        t.costs().is_empty()
+            || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+                .is_ok_and(|v| v.trim() == "1")
+    );
+    // The kernel counts the programs' runs and time while this fd is open.
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("BPF_ENABLE_STATS");
     let before = lo.completed();
     direct_io(&lo.dev, 300, 200);
     let after = lo.completed();
@@ -148,6 +155,14 @@ fn histogram_counts_every_completion(raw_only: bool) {
     }
     // Nothing from other devices.
     assert!(snap.iter().all(|h| h.dev == sys.trim()), "{snap:?}");
+    // Each program ran at least once per request (every device's requests run it).
+    let costs = t.costs();
+    assert_eq!(costs.len(), 2, "{costs:?}");
+    for c in &costs {
+        assert!(c.run_count >= reads + writes, "{c:?}");
+        assert!(c.run_time_ns > 0, "{c:?}");
+    }
+    drop(stats);
     drop(t);
     // Detached: more I/O changes nothing we could read (the maps are gone with the object).
 }

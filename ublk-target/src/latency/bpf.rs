@@ -3,20 +3,13 @@
 //! tracepoints where those are refused), tells it which devices to trace and reads its
 //! histograms back.
 
-use blkrep_common::latency::{DeviceLatency, Histogram, SLOTS};
+use blkrep_common::latency::{DeviceLatency, Histogram, ProgramCost, SLOTS};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blklat.bpf.o"));
 static BUILD_MISSING: &str = include_str!(concat!(env!("OUT_DIR"), "/blklat.bpf.missing"));
-
-/// Key of the `hists` map (`struct hkey` in blklat.bpf.c).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct HKey {
-    dev: u32,
-    op: u32,
-}
 
 /// Value of the `hists` map (`struct hval` in blklat.bpf.c).
 #[repr(C)]
@@ -29,11 +22,12 @@ struct HVal {
 }
 
 // SAFETY: plain #[repr(C)] integers without padding, valid for any bit pattern.
-unsafe impl aya::Pod for HKey {}
-// SAFETY: as above.
 unsafe impl aya::Pod for HVal {}
 
+/// The operations, in the order of the program's `OP_*` (its `NR_OPS` is their number).
 const OPS: [&str; 5] = ["read", "write", "flush", "discard", "other"];
+/// The program's `MAX_DEVS`.
+const MAX_DEVS: usize = 64;
 
 /// A block device to trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,16 +131,8 @@ impl BlockTracker {
         let mut bpf = aya::EbpfLoader::new()
             .load(OBJECT)
             .map_err(|e| explain("loading the BPF object", &e))?;
-        {
-            let mut devs: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(
-                bpf.map_mut("devs")
-                    .ok_or("the BPF object has no `devs` map")?,
-            )
-            .map_err(|e| explain("opening the `devs` map", &e))?;
-            for d in devices {
-                devs.insert(d.kdev(), 1, 0)
-                    .map_err(|e| explain("filling the `devs` map", &e))?;
-            }
+        for (i, d) in devices.iter().enumerate() {
+            add_dev(&mut bpf, d, i)?;
         }
         let btf = if raw_only {
             Err("skipped".to_string())
@@ -175,16 +161,49 @@ impl BlockTracker {
         if self.devices.contains(&d) {
             return Ok(());
         }
-        let mut devs: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(
-            self.bpf
-                .map_mut("devs")
-                .ok_or("the BPF object has no `devs` map")?,
-        )
-        .map_err(|e| explain("opening the `devs` map", &e))?;
-        devs.insert(d.kdev(), 1, 0)
-            .map_err(|e| explain("filling the `devs` map", &e))?;
+        add_dev(&mut self.bpf, &d, self.devices.len())?;
         self.devices.push(d);
         Ok(())
+    }
+
+    /// Runs and CPU time of the attached programs, when the kernel counts them
+    /// (`kernel.bpf_stats_enabled`); empty otherwise.
+    pub fn costs(&self) -> Vec<ProgramCost> {
+        let names: &[&str] = if self.attach == "tp_btf" {
+            &["blk_issue_btf", "blk_complete_btf"]
+        } else {
+            &["blk_issue_raw", "blk_complete_raw"]
+        };
+        let mut out = Vec::new();
+        for name in names {
+            let Some(fd) = self
+                .bpf
+                .program(name)
+                .and_then(|p| p.fd().ok())
+                .map(|fd| fd.as_fd().as_raw_fd())
+            else {
+                continue;
+            };
+            let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+                continue;
+            };
+            let field = |k: &str| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if let (Some(run_count), Some(run_time_ns)) = (field("run_cnt:"), field("run_time_ns:"))
+            {
+                if run_count > 0 {
+                    out.push(ProgramCost {
+                        name: name.to_string(),
+                        run_count,
+                        run_time_ns,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// `tp_btf` or `raw_tp`.
@@ -201,38 +220,46 @@ impl BlockTracker {
         let Some(map) = self.bpf.map("hists") else {
             return Vec::new();
         };
-        let Ok(hists) = aya::maps::HashMap::<_, HKey, HVal>::try_from(map) else {
+        let Ok(hists) = aya::maps::Array::<_, HVal>::try_from(map) else {
             return Vec::new();
         };
-        let mut out: Vec<DeviceLatency> = hists
-            .iter()
-            .filter_map(|r| r.ok())
-            .filter_map(|(k, v)| {
-                let d = self.devices.iter().find(|d| d.kdev() == k.dev)?;
-                Some(DeviceLatency {
+        let mut out = Vec::new();
+        for (i, d) in self.devices.iter().enumerate() {
+            for (o, op) in OPS.iter().enumerate() {
+                let Ok(v) = hists.get(&((i * OPS.len() + o) as u32), 0) else {
+                    continue;
+                };
+                if v.issued == 0 && v.completed == 0 {
+                    continue;
+                }
+                out.push(DeviceLatency {
                     device: d.name.clone(),
                     dev: format!("{}:{}", d.major, d.minor),
                     role: d.role.clone(),
-                    op: OPS.get(k.op as usize).unwrap_or(&"other").to_string(),
+                    op: op.to_string(),
                     issued: v.issued,
                     completed: v.completed,
                     hist: Histogram::from_slots(&v.slots, v.total_ns),
-                })
-            })
-            .collect();
-        out.sort_by(|a, b| {
-            (a.role != "frontend", &a.device, op_rank(&a.op)).cmp(&(
-                b.role != "frontend",
-                &b.device,
-                op_rank(&b.op),
-            ))
-        });
+                });
+            }
+        }
+        out.sort_by_key(|a| (a.role != "frontend", a.device.clone()));
         out
     }
 }
 
-fn op_rank(op: &str) -> usize {
-    OPS.iter().position(|o| *o == op).unwrap_or(OPS.len())
+/// Trace device `d` under index `i` (its histograms are entries `i * NR_OPS + op`).
+fn add_dev(bpf: &mut aya::Ebpf, d: &TracedDevice, i: usize) -> Result<(), String> {
+    if i >= MAX_DEVS {
+        return Err(format!("more than {MAX_DEVS} devices to trace"));
+    }
+    let mut devs: aya::maps::HashMap<_, u32, u32> = aya::maps::HashMap::try_from(
+        bpf.map_mut("devs")
+            .ok_or("the BPF object has no `devs` map")?,
+    )
+    .map_err(|e| explain("opening the `devs` map", &e))?;
+    devs.insert(d.kdev(), i as u32, 0)
+        .map_err(|e| explain("filling the `devs` map", &e))
 }
 
 fn attach_btf(bpf: &mut aya::Ebpf) -> Result<(), String> {

@@ -264,6 +264,7 @@ impl Tracking {
                         attach: Some(b.attach_kind().into()),
                         reason: None,
                         devices: b.devices().iter().map(|d| d.describe()).collect(),
+                        programs: Vec::new(),
                     };
                     tracing::info!(
                         "eBPF latency tracking active ({}) on {}",
@@ -325,8 +326,12 @@ impl Tracking {
 
     /// The report `blkrep latency` shows.
     pub fn report(&self) -> LatencyReport {
+        let mut ebpf = self.state.clone();
+        if let Some(b) = &self.block {
+            ebpf.programs = b.costs();
+        }
         LatencyReport {
-            ebpf: self.state.clone(),
+            ebpf,
             uptime_s: self.started.elapsed().as_secs_f64(),
             devices: self
                 .block
@@ -344,6 +349,7 @@ fn unavailable(state: &str, reason: &str) -> EbpfState {
         attach: None,
         reason: Some(reason.into()),
         devices: Vec::new(),
+        programs: Vec::new(),
     }
 }
 
