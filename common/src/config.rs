@@ -343,6 +343,8 @@ pub struct Config {
     pub nodes: Vec<NodeConfig>,
     /// blake3 of the file's bytes (to compare the two sites' copies).
     pub hash: String,
+    /// The file's text (`blkrep check` compares it with the peer's).
+    pub text: String,
 }
 
 impl Config {
@@ -622,6 +624,7 @@ impl Config {
             },
             nodes,
             hash: blake3::hash(text.as_bytes()).to_hex().to_string(),
+            text: text.to_string(),
         })
     }
 

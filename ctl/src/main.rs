@@ -5,6 +5,7 @@
 //! 0 done, 1 refused or failed, 2 bad usage or configuration, 3 the daemon is not running
 //! (`status`).
 
+mod check;
 mod human;
 mod md;
 
@@ -125,6 +126,17 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Preflight (read-only, either node): backing, metadata, journal room, the daemon, the
+    /// peer reachable and authenticated, the configuration identical on both nodes, link
+    /// round trip and bandwidth, clock offset, generations. Exit 1 when a check fails.
+    Check {
+        resource: Option<String>,
+        /// Bytes to send to the peer to measure the bandwidth (0: skip).
+        #[arg(long, default_value = "8M", value_parser = parse_size)]
+        bandwidth_bytes: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Latency histograms: the volume's block devices as the kernel sees them (eBPF), and
     /// each stage of the replication path as the daemon times it; p50/p99/p99.9.
     Latency {
@@ -169,7 +181,8 @@ impl Verb {
             | Verb::Resolve { resource, .. }
             | Verb::Verify { resource, .. }
             | Verb::Failback { resource, .. }
-            | Verb::Latency { resource, .. } => resource.as_deref(),
+            | Verb::Latency { resource, .. }
+            | Verb::Check { resource, .. } => resource.as_deref(),
             Verb::Keygen { .. } => None,
         }
     }
@@ -189,6 +202,11 @@ fn usage(e: impl Into<anyhow::Error>) -> Fail {
 }
 
 fn main() -> ExitCode {
+    // Output piped into `head` ends quietly, as for other Unix tools.
+    // SAFETY: resetting a signal disposition to its default, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
@@ -381,6 +399,29 @@ fn run(cli: Cli) -> Result<u8, Fail> {
             json,
             ..
         } => verify(&cfg, &node, repair, no_wait, json),
+        Verb::Check {
+            bandwidth_bytes,
+            json,
+            ..
+        } => {
+            let status = daemon_status(&cfg, &node);
+            let items = check::run(&cfg, &node, status.as_ref(), bandwidth_bytes as usize);
+            if json {
+                let failed = items.iter().any(|i| i.result == check::Level::Fail);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "node": node,
+                        "resource": cfg.resource.name,
+                        "ok": !failed,
+                        "checks": items,
+                    }))?
+                );
+            } else {
+                print!("{}", check::render(&items));
+            }
+            Ok(items.iter().any(|i| i.result == check::Level::Fail) as u8)
+        }
         Verb::Latency {
             watch,
             interval,
@@ -399,6 +440,21 @@ fn run(cli: Cli) -> Result<u8, Fail> {
             Ok(0)
         }
     }
+}
+
+/// `8M`-style sizes for options.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .ok_or_else(|| format!("{s:?} is not a size like 8M"))
 }
 
 /// `blkrep latency`: one report, or with `watch` one per interval (the interval's own).

@@ -12,5 +12,6 @@
 
 pub mod codec;
 pub mod handshake;
+pub mod probe;
 pub mod tls;
 pub mod wire;

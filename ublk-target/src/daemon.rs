@@ -53,6 +53,8 @@ pub struct Shared {
     pub read_only: Arc<AtomicBool>,
     /// The last failed link attempt (refused or unreachable).
     pub last_link_error: crate::link::LastLinkError,
+    /// This node's state for probes from the peer's `blkrep check` (refreshed every tick).
+    pub published: crate::link::PublishedState,
 }
 
 /// Static facts for `status`.
@@ -374,8 +376,25 @@ impl Loop {
                 self.post_timer();
                 let now = self.now_ns();
                 self.feed(Input::Tick { now_ns: now });
+                self.publish_state();
                 self.reap_lingering_links();
             }
+        }
+    }
+
+    /// Publish the summary a probe from the peer's `blkrep check` gets.
+    fn publish_state(&mut self) {
+        let st = self.vol.status();
+        let v = serde_json::json!({
+            "role": st.role,
+            "disk_state": st.disk_state,
+            "generation": st.generation,
+            "history": st.history,
+            "conn": st.conn,
+            "applied_seq": st.applied_seq,
+        });
+        if let Ok(mut p) = self.shared.published.lock() {
+            *p = v.to_string();
         }
     }
 

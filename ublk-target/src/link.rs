@@ -12,7 +12,7 @@
 
 use crate::wake::Waker;
 use blkrep_transport::handshake::{
-    client_handshake, server_handshake, HandshakeError, LinkIdentity,
+    client_handshake, server_accept, Accepted, HandshakeError, LinkIdentity,
 };
 use blkrep_transport::tls::{TlsSetup, TlsStream};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -31,21 +31,23 @@ pub struct LinkConn {
     pub tls: Option<rustls::Connection>,
 }
 
-/// TLS first (when configured), then the link handshake inside it.
+/// TLS first (when configured), then the link handshake inside it. A listener (`config`:
+/// its configuration text) also answers probes from `blkrep check`.
 fn establish(
     stream: &mut TcpStream,
     id: &LinkIdentity,
     tls: Option<&TlsSetup>,
     dialer: bool,
-) -> Result<Option<rustls::Connection>, String> {
+    config: Option<(&str, &str)>,
+) -> Result<(Option<rustls::Connection>, Accepted), String> {
     prepare(stream).map_err(|e| e.to_string())?;
     let Some(tls) = tls else {
         let r = if dialer {
-            client_handshake(stream, id)
+            client_handshake(stream, id).map(|_| Accepted::Link)
         } else {
-            server_handshake(stream, id)
+            server_accept(stream, id, config)
         };
-        return r.map(|_| None).map_err(|e| match e {
+        return r.map(|a| (None, a)).map_err(|e| match e {
             // 0x16: a TLS handshake record.
             HandshakeError::Stranger(b) if b.first() == Some(&0x16) => {
                 "the peer speaks TLS (its configuration requires it) and this node has \
@@ -66,12 +68,12 @@ fn establish(
         sock: stream,
     };
     let r = if dialer {
-        client_handshake(&mut s, id)
+        client_handshake(&mut s, id).map(|_| Accepted::Link)
     } else {
-        server_handshake(&mut s, id)
+        server_accept(&mut s, id, config)
     };
-    r.map_err(|e| e.to_string())?;
-    Ok(Some(conn))
+    let accepted = r.map_err(|e| e.to_string())?;
+    Ok((Some(conn), accepted))
 }
 
 fn prepare(stream: &TcpStream) -> std::io::Result<()> {
@@ -97,7 +99,15 @@ pub struct LinkCtx {
     pub tx: crossbeam_channel::Sender<LinkConn>,
     pub waker: Waker,
     pub last_error: LastLinkError,
+    /// This node's configuration text (probes get it).
+    pub config_text: Arc<str>,
+    /// This node's state as JSON, published by the event loop (probes get it).
+    pub state: PublishedState,
 }
+
+/// The event loop's latest summary of this node (role, disk state, generations), for
+/// answers given outside the loop.
+pub type PublishedState = Arc<Mutex<String>>;
 
 impl LinkCtx {
     fn failed(&self, why: String) {
@@ -153,8 +163,22 @@ fn accept_one(mut stream: TcpStream, ctx: &LinkCtx) {
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| "?".into());
-    let r = establish(&mut stream, &ctx.id, ctx.tls.as_deref(), false)
-        .and_then(|tls| finish(stream).map(|s| (s, tls)).map_err(|e| e.to_string()));
+    let state = ctx.state.lock().map(|s| s.clone()).unwrap_or_default();
+    let r = establish(
+        &mut stream,
+        &ctx.id,
+        ctx.tls.as_deref(),
+        false,
+        Some((&ctx.config_text, &state)),
+    );
+    let r = match r {
+        Ok((_, Accepted::Probe)) => {
+            tracing::info!("answered a probe (blkrep check) from {peer_addr}");
+            return;
+        }
+        Ok((tls, Accepted::Link)) => finish(stream).map(|s| (s, tls)).map_err(|e| e.to_string()),
+        Err(e) => Err(e),
+    };
     match r {
         Ok((stream, tls)) => {
             tracing::info!(
@@ -231,6 +255,6 @@ fn dial(
         .ok_or_else(|| "address resolves to nothing".to_string())?;
     let mut stream =
         TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(|e| e.to_string())?;
-    let tls = establish(&mut stream, id, tls, true)?;
+    let (tls, _) = establish(&mut stream, id, tls, true, None)?;
     finish(stream).map(|s| (s, tls)).map_err(|e| e.to_string())
 }

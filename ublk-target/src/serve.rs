@@ -142,12 +142,15 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         peer_node: peer.name.clone(),
     };
     let last_link_error: link::LastLinkError = Default::default();
+    let published: link::PublishedState = Default::default();
     let ctx = link::LinkCtx {
         id,
         tls: tls.clone(),
         tx: link_tx,
         waker: waker.clone(),
         last_error: last_link_error.clone(),
+        config_text: Arc::from(cfg.text.as_str()),
+        state: published.clone(),
     };
     link::spawn_listener(link_listener, ctx.clone());
     if node < peer.name.as_str() {
@@ -201,6 +204,7 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         linked,
         read_only,
         last_link_error,
+        published,
     };
     let ident = Identity {
         resource: name.clone(),
