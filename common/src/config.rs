@@ -210,6 +210,37 @@ struct RawConfig {
     resource: RawResource,
     #[serde(default)]
     node: Vec<RawNode>,
+    alerts: Option<RawAlerts>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    rpo_seconds: Option<f64>,
+    journal_fill_percent: Option<f64>,
+    link_down_seconds: Option<f64>,
+}
+
+/// Alert thresholds (`[alerts]`); 0 turns one off. Crossing one raises an `alert` event
+/// and sets `blkrep_alert{alert="..."}`; going back under it clears it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Alerts {
+    /// The primary's lag (age of the oldest write the peer has not applied), seconds.
+    pub rpo_seconds: f64,
+    /// The primary's journal fill, percent.
+    pub journal_fill_percent: f64,
+    /// The replication link down (neither connected nor syncing), seconds.
+    pub link_down_seconds: f64,
+}
+
+impl Default for Alerts {
+    fn default() -> Self {
+        Alerts {
+            rpo_seconds: 60.0,
+            journal_fill_percent: 80.0,
+            link_down_seconds: 30.0,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,6 +279,7 @@ struct RawNode {
     journal: Option<PathBuf>,
     journal_size: Option<Size>,
     ebpf: Option<String>,
+    events: Option<PathBuf>,
 }
 
 /// The resource section, validated.
@@ -318,6 +350,9 @@ pub struct NodeConfig {
     pub journal: Option<(PathBuf, u64)>,
     /// Block-device latency tracking by eBPF.
     pub ebpf: Ebpf,
+    /// The node's event log (default: beside the metadata, `METADATA.events`, or
+    /// `/var/lib/blkrep/RESOURCE-NODE.events` when the metadata is a device).
+    pub events: PathBuf,
 }
 
 /// Whether the daemon traces its block devices with eBPF (`[[node]] ebpf = ...`).
@@ -345,6 +380,8 @@ pub struct Config {
     pub hash: String,
     /// The file's text (`blkrep check` compares it with the peer's).
     pub text: String,
+    /// Alert thresholds.
+    pub alerts: Alerts,
 }
 
 impl Config {
@@ -370,6 +407,39 @@ impl Config {
         };
         let r = raw.resource;
         check_name(&r.name).map_err(|p| invalid("resource.name".into(), p))?;
+        let mut alerts = Alerts::default();
+        if let Some(a) = raw.alerts {
+            for (field, v, slot, max) in [
+                (
+                    "rpo_seconds",
+                    a.rpo_seconds,
+                    &mut alerts.rpo_seconds,
+                    f64::MAX,
+                ),
+                (
+                    "journal_fill_percent",
+                    a.journal_fill_percent,
+                    &mut alerts.journal_fill_percent,
+                    100.0,
+                ),
+                (
+                    "link_down_seconds",
+                    a.link_down_seconds,
+                    &mut alerts.link_down_seconds,
+                    f64::MAX,
+                ),
+            ] {
+                if let Some(v) = v {
+                    if !(v.is_finite() && (0.0..=max).contains(&v)) {
+                        return Err(invalid(
+                            format!("alerts.{field}"),
+                            format!("{v} is out of range (0 turns the alert off)"),
+                        ));
+                    }
+                    *slot = v;
+                }
+            }
+        }
         let size = r.size.0;
         if size == 0 {
             return Err(invalid(
@@ -580,6 +650,19 @@ impl Config {
                     ));
                 }
             };
+            let events = match n.events {
+                Some(p) if p.is_absolute() => p,
+                Some(p) => {
+                    return Err(invalid(
+                        f("events"),
+                        format!("{} is not an absolute path", p.display()),
+                    ))
+                }
+                None if n.metadata.starts_with("/dev") => {
+                    PathBuf::from(format!("/var/lib/blkrep/{}-{}.events", r.name, n.name))
+                }
+                None => PathBuf::from(format!("{}.events", n.metadata.display())),
+            };
             nodes.push(NodeConfig {
                 name: n.name,
                 address: n.address,
@@ -592,6 +675,7 @@ impl Config {
                 metrics,
                 journal,
                 ebpf,
+                events,
             });
         }
         if nodes[0].name == nodes[1].name {
@@ -625,6 +709,7 @@ impl Config {
             nodes,
             hash: blake3::hash(text.as_bytes()).to_hex().to_string(),
             text: text.to_string(),
+            alerts,
         })
     }
 

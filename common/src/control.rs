@@ -56,6 +56,25 @@ struct RequestEnvelope {
     request: serde_json::Value,
 }
 
+/// An alert that is raised.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActiveAlert {
+    /// `link_down`, `rpo`, `journal_fill`, `disk_failed` or `split_brain`.
+    pub name: String,
+    /// When it was raised (RFC 3339 UTC).
+    pub since: String,
+    pub message: String,
+}
+
+/// The names of every alert (each is a `blkrep_alert{alert="..."}` metric, 0 or 1).
+pub const ALERT_NAMES: [&str; 5] = [
+    "link_down",
+    "rpo",
+    "journal_fill",
+    "disk_failed",
+    "split_brain",
+];
+
 /// An error answer: a stable code for scripts and a message for people.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{message} ({code})")]
@@ -127,6 +146,12 @@ pub struct DaemonStatus {
     /// The last failed link attempt (a refused connection, an unreachable peer).
     #[serde(default)]
     pub link_last_error: Option<LinkError>,
+    /// Alerts raised now (thresholds in `[alerts]`).
+    #[serde(default)]
+    pub alerts: Vec<ActiveAlert>,
+    /// The node's event log file.
+    #[serde(default)]
+    pub event_log: String,
     /// The replication engine's state.
     pub engine: EngineStatus,
 }

@@ -3,4 +3,5 @@
 
 pub mod config;
 pub mod control;
+pub mod events;
 pub mod latency;

@@ -126,6 +126,24 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// The node's event log: role changes, connects, resyncs, split brains, failures,
+    /// operator commands and who asked, alerts. Read from the file: works with the daemon
+    /// down.
+    Events {
+        resource: Option<String>,
+        /// Keep printing new events as they come.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only the last N events (before following).
+        #[arg(long)]
+        last: Option<usize>,
+        /// Only events of this kind (role, connect, resync, operator, alert, daemon, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// One JSON object per line (the log's own lines, verified).
+        #[arg(long)]
+        json: bool,
+    },
     /// Preflight (read-only, either node): backing, metadata, journal room, the daemon, the
     /// peer reachable and authenticated, the configuration identical on both nodes, link
     /// round trip and bandwidth, clock offset, generations. Exit 1 when a check fails.
@@ -182,7 +200,8 @@ impl Verb {
             | Verb::Verify { resource, .. }
             | Verb::Failback { resource, .. }
             | Verb::Latency { resource, .. }
-            | Verb::Check { resource, .. } => resource.as_deref(),
+            | Verb::Check { resource, .. }
+            | Verb::Events { resource, .. } => resource.as_deref(),
             Verb::Keygen { .. } => None,
         }
     }
@@ -399,6 +418,13 @@ fn run(cli: Cli) -> Result<u8, Fail> {
             json,
             ..
         } => verify(&cfg, &node, repair, no_wait, json),
+        Verb::Events {
+            follow,
+            last,
+            kind,
+            json,
+            ..
+        } => events(&cfg, &node, follow, last, kind.as_deref(), json),
         Verb::Check {
             bandwidth_bytes,
             json,
@@ -438,6 +464,108 @@ fn run(cli: Cli) -> Result<u8, Fail> {
                 print!("{}", human::plan(&v));
             }
             Ok(0)
+        }
+    }
+}
+
+/// `blkrep events`: print the log, then with `follow` what gets appended.
+fn events(
+    cfg: &Config,
+    node: &str,
+    follow: bool,
+    last: Option<usize>,
+    kind: Option<&str>,
+    json: bool,
+) -> Result<u8, Fail> {
+    use blkrep_common::events::EventRecord;
+    use std::io::BufRead;
+    let path = cfg.node(node)?.events.clone();
+    let show = |e: &EventRecord| {
+        if kind.is_some_and(|k| k != e.kind) {
+            return;
+        }
+        if json {
+            println!("{}", e.to_line());
+        } else {
+            println!(
+                "{}  {:<8} {:<10} {}{}",
+                e.ts,
+                e.severity,
+                e.kind,
+                e.message,
+                e.by.as_deref()
+                    .map(|b| format!("  [by {b}]"))
+                    .unwrap_or_default()
+            );
+        }
+    };
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && follow => {
+            eprintln!("waiting for {} to appear", path.display());
+            loop {
+                std::thread::sleep(Duration::from_millis(500));
+                if let Ok(f) = std::fs::File::open(&path) {
+                    break f;
+                }
+            }
+        }
+        Err(e) => {
+            return Err(anyhow::anyhow!(
+                "event log {}: {e} (the daemon creates it when it starts; node.events sets it)",
+                path.display()
+            )
+            .into())
+        }
+    };
+    let mut reader = std::io::BufReader::new(&mut file);
+    let mut all = Vec::new();
+    let mut line = String::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            break;
+        }
+        n += 1;
+        if !line.ends_with('\n') {
+            // A line still being written: read it again when following.
+            let back = line.len() as i64;
+            reader.seek_relative(-back)?;
+            break;
+        }
+        match EventRecord::from_line(line.trim_end()) {
+            Ok(e) => all.push(e),
+            Err(why) if !line.trim().is_empty() => {
+                eprintln!("blkrep: {}: line {n}: {why} (skipped)", path.display())
+            }
+            Err(_) => {}
+        }
+    }
+    let skip = last.map_or(0, |l| all.len().saturating_sub(l));
+    for e in &all[skip..] {
+        show(e);
+    }
+    if !follow {
+        return Ok(0);
+    }
+    loop {
+        line.clear();
+        let got = reader.read_line(&mut line)?;
+        if got == 0 || !line.ends_with('\n') {
+            if got > 0 {
+                reader.seek_relative(-(line.len() as i64))?;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        n += 1;
+        match EventRecord::from_line(line.trim_end()) {
+            Ok(e) => show(&e),
+            Err(why) if !line.trim().is_empty() => {
+                eprintln!("blkrep: {}: line {n}: {why} (skipped)", path.display())
+            }
+            Err(_) => {}
         }
     }
 }

@@ -12,6 +12,9 @@ use std::time::Duration;
 pub struct ControlCall {
     pub req: Request,
     pub reply: crossbeam_channel::Sender<Result<serde_json::Value, ControlError>>,
+    /// Who asked (the control connection's peer credentials, or `signal ...`), for the
+    /// event log.
+    pub who: Option<String>,
 }
 
 /// Bind the control socket, replacing a stale one; refuse if a daemon already answers.
@@ -65,7 +68,15 @@ fn serve(stream: UnixStream, tx: crossbeam_channel::Sender<ControlCall>, waker: 
         Err(e) => Err(e),
         Ok(req) => {
             let (rtx, rrx) = crossbeam_channel::bounded(1);
-            if tx.send(ControlCall { req, reply: rtx }).is_err() {
+            let who = crate::events::peer_of(&stream);
+            if tx
+                .send(ControlCall {
+                    req,
+                    reply: rtx,
+                    who,
+                })
+                .is_err()
+            {
                 Err(ControlError::new("shutting_down", "the daemon is stopping"))
             } else {
                 waker.wake();

@@ -55,6 +55,10 @@ pub struct Shared {
     pub last_link_error: crate::link::LastLinkError,
     /// This node's state for probes from the peer's `blkrep check` (refreshed every tick).
     pub published: crate::link::PublishedState,
+    /// The node's event log.
+    pub events: crate::events::EventLog,
+    /// Alert thresholds.
+    pub alerts: blkrep_common::config::Alerts,
 }
 
 /// Static facts for `status`.
@@ -185,6 +189,12 @@ pub struct Loop {
     reqs: HashMap<ReqId, ReqInfo>,
     next_req: ReqId,
     admin: HashMap<u64, crossbeam_channel::Sender<Result<serde_json::Value, ControlError>>>,
+    /// Operator commands in the engine: what was asked and by whom (for the event log).
+    asked: HashMap<u64, (String, Option<String>)>,
+    /// Alerts raised: name → (since, message).
+    alerts: std::collections::BTreeMap<&'static str, (u64, String)>,
+    /// Since when the link has been down (for the link_down alert).
+    link_down_since: Option<Instant>,
     next_token: u64,
     shared: Shared,
     id: Identity,
@@ -232,6 +242,9 @@ impl Loop {
             reqs: HashMap::new(),
             next_req: 1,
             admin: HashMap::new(),
+            asked: HashMap::new(),
+            alerts: Default::default(),
+            link_down_since: Some(Instant::now()),
             next_token: 1,
             shared,
             id,
@@ -377,6 +390,7 @@ impl Loop {
                 let now = self.now_ns();
                 self.feed(Input::Tick { now_ns: now });
                 self.publish_state();
+                self.check_alerts();
                 self.reap_lingering_links();
             }
         }
@@ -564,6 +578,22 @@ impl Loop {
             }
             Output::Complete { req, result } => self.complete_client(req, result),
             Output::AdminDone { token, result } => {
+                if let Some((what, who)) = self.asked.remove(&token) {
+                    let outcome = match &result {
+                        Ok(m) => Some(("info", format!("done: {m}"))),
+                        // `blkrep promote` retries these while it waits: not worth a line each.
+                        Err(e) if matches!(e.code, "peer_not_connected" | "busy") => None,
+                        Err(e) => Some(("warning", format!("refused: {} ({})", e.message, e.code))),
+                    };
+                    if let Some((severity, outcome)) = outcome {
+                        self.shared.events.log(
+                            "operator",
+                            severity,
+                            format!("{what}: {outcome}"),
+                            who,
+                        );
+                    }
+                }
                 if let Some(tx) = self.admin.remove(&token) {
                     let _ = tx.send(
                         result
@@ -572,7 +602,11 @@ impl Loop {
                     );
                 }
             }
-            Output::Event(e) => tracing::info!(kind = e.kind, "{}", e.message),
+            Output::Event(e) => {
+                self.shared
+                    .events
+                    .log(e.kind, crate::events::severity_of(e.kind), e.message, None)
+            }
             Output::Stopped => {}
         }
     }
@@ -647,7 +681,112 @@ impl Loop {
         let token = self.next_token;
         self.next_token += 1;
         self.admin.insert(token, c.reply);
+        let what = match &cmd {
+            AdminCmd::Promote { force: true, .. } => "promote --force",
+            AdminCmd::Promote { .. } => "promote",
+            AdminCmd::Demote => "demote",
+            AdminCmd::ResolveDiscardLocal => "resolve --discard-local",
+            AdminCmd::Verify { repair: true } => "verify --repair",
+            AdminCmd::Verify { .. } => "verify",
+            AdminCmd::Shutdown => "down",
+        };
+        self.asked.insert(token, (what.to_string(), c.who));
         self.feed(Input::Admin { token, cmd });
+    }
+
+    /// Raise and clear the alerts of `[alerts]` (every tick).
+    fn check_alerts(&mut self) {
+        use blkrep_engine::{ConnState, DiskState};
+        let st = self.vol.status();
+        let a = self.shared.alerts.clone();
+        let up = matches!(
+            st.conn,
+            ConnState::Connected | ConnState::SyncSource | ConnState::SyncTarget
+        );
+        if up {
+            self.link_down_since = None;
+        } else if self.link_down_since.is_none() {
+            self.link_down_since = Some(Instant::now());
+        }
+        let down_for = self
+            .link_down_since
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let journal_pct = st
+            .journal
+            .as_ref()
+            .filter(|j| j.capacity > 0)
+            .map_or(0.0, |j| j.used as f64 * 100.0 / j.capacity as f64);
+        let now: [(&'static str, bool, &'static str, String); 5] = [
+            (
+                "link_down",
+                a.link_down_seconds > 0.0 && down_for >= a.link_down_seconds,
+                "warning",
+                format!(
+                    "the replication link to {} ({}) has been down for {down_for:.0} s (alert at {} s)",
+                    self.id.peer, self.id.peer_address, a.link_down_seconds
+                ),
+            ),
+            (
+                "rpo",
+                a.rpo_seconds > 0.0 && st.role == Role::Primary && st.lag_seconds >= a.rpo_seconds,
+                "warning",
+                format!(
+                    "RPO {:.1} s: the oldest write {} lacks is older than {} s",
+                    st.lag_seconds, self.id.peer, a.rpo_seconds
+                ),
+            ),
+            (
+                "journal_fill",
+                a.journal_fill_percent > 0.0 && journal_pct >= a.journal_fill_percent,
+                "warning",
+                format!(
+                    "the journal is {journal_pct:.1}% full (alert at {}%): when it fills, the blocks go to the dirty set and need a resync",
+                    a.journal_fill_percent
+                ),
+            ),
+            (
+                "disk_failed",
+                st.disk_state == DiskState::Failed,
+                "critical",
+                "this node's backing device failed: it serves no data from it".to_string(),
+            ),
+            (
+                "split_brain",
+                st.split_brain,
+                "critical",
+                format!("split brain with {}: see `blkrep resolve`", self.id.peer),
+            ),
+        ];
+        for (name, active, severity, message) in now {
+            match (active, self.alerts.contains_key(name)) {
+                (true, false) => {
+                    self.shared.events.log(
+                        "alert",
+                        severity,
+                        format!("raised {name}: {message}"),
+                        None,
+                    );
+                    self.alerts
+                        .insert(name, (blkrep_common::events::now_ms(), message));
+                }
+                (false, true) => {
+                    let (since, _) = self.alerts.remove(name).unwrap_or_default();
+                    let secs = blkrep_common::events::now_ms().saturating_sub(since) / 1000;
+                    self.shared.events.log(
+                        "alert",
+                        "info",
+                        format!("cleared {name} (raised for {secs} s)"),
+                        None,
+                    );
+                }
+                (true, true) => {
+                    if let Some(a) = self.alerts.get_mut(name) {
+                        a.1 = message;
+                    }
+                }
+                (false, false) => {}
+            }
+        }
     }
 
     fn status_json(&self) -> serde_json::Value {
@@ -675,6 +814,18 @@ impl Loop {
                     seconds_ago: at.elapsed().as_secs_f64(),
                     message: why,
                 }),
+            alerts: self
+                .alerts
+                .iter()
+                .map(
+                    |(name, (since, message))| blkrep_common::control::ActiveAlert {
+                        name: name.to_string(),
+                        since: blkrep_common::events::rfc3339(*since),
+                        message: message.clone(),
+                    },
+                )
+                .collect(),
+            event_log: self.shared.events.path().display().to_string(),
             engine: self.vol.status(),
         };
         serde_json::to_value(st).unwrap_or_default()

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod control;
 pub mod daemon;
+pub mod events;
 pub mod journal_file;
 pub mod latency;
 pub mod link;

@@ -246,6 +246,26 @@ pub fn render(s: &Value) -> String {
         "bytes written by clients",
         num(&e["bytes_written"]),
     );
+    let _ = writeln!(
+        o,
+        "# HELP blkrep_alert 1 while the alert is raised (thresholds in [alerts])"
+    );
+    let _ = writeln!(o, "# TYPE blkrep_alert gauge");
+    for name in blkrep_common::control::ALERT_NAMES {
+        let raised = s["alerts"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["name"] == name));
+        let _ = writeln!(
+            o,
+            "blkrep_alert{{{labels},alert=\"{name}\"}} {}",
+            raised as u8
+        );
+    }
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(o, "# HELP blkrep_{name} {help}");
+        let _ = writeln!(o, "# TYPE blkrep_{name} {kind}");
+        let _ = writeln!(o, "blkrep_{name}{{{labels}}} {value}");
+    };
     metric(
         "uptime_seconds",
         "gauge",

@@ -25,8 +25,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Run the daemon for `node` of `cfg` until it is shut down.
+/// Run the daemon for `node` of `cfg` until it is shut down. Its start, its stop and a
+/// failure to start go to the node's event log too.
 pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
+    let me = cfg.node(node)?;
+    let (mut events, writer) = crate::events::EventLog::open(&me.events, &cfg.resource.name, node)?;
+    let r = run_with(cfg, node, events.clone());
+    match &r {
+        Ok(()) => events.log("daemon", "info", "stopped".into(), None),
+        Err(e) => events.log(
+            "daemon",
+            "critical",
+            format!("stopped on an error: {e:#}"),
+            None,
+        ),
+    }
+    events.close();
+    writer.join();
+    r
+}
+
+fn run_with(cfg: &Config, node: &str, events: crate::events::EventLog) -> anyhow::Result<()> {
     let me = cfg.node(node)?;
     let peer = cfg.peer_of(node)?;
     let size = cfg.resource.size;
@@ -58,6 +77,20 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         None => None,
     };
     let was_primary = meta.role == Role::Primary;
+    events.log(
+        "daemon",
+        "info",
+        format!(
+            "started (blkrepd {}, pid {}): {:?}, {:?}, generation {:016x}, applied sequence {}",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            meta.role,
+            meta.disk_state,
+            meta.generation,
+            meta.applied_seq
+        ),
+        None,
+    );
     let frontend = cfg
         .resource
         .frontend
@@ -205,6 +238,8 @@ pub fn run(cfg: &Config, node: &str) -> anyhow::Result<()> {
         read_only,
         last_link_error,
         published,
+        events,
+        alerts: cfg.alerts.clone(),
     };
     let ident = Identity {
         resource: name.clone(),
@@ -460,6 +495,7 @@ fn spawn_signal_thread(tx: crossbeam_channel::Sender<control::ControlCall>, wake
                 let _ = tx.send(control::ControlCall {
                     req: blkrep_common::control::Request::Shutdown,
                     reply: rtx,
+                    who: Some(format!("signal {sig:?}")),
                 });
                 waker.wake();
             }

@@ -284,6 +284,7 @@ impl Loop {
                         ControlCall {
                             req: CtlRequest::Shutdown,
                             reply,
+                            who: Some("the ublk device's removal".into()),
                         }
                     });
                     self.admin_call(call);
