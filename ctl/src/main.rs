@@ -5,6 +5,7 @@
 //! 0 done, 1 refused or failed, 2 bad usage or configuration, 3 the daemon is not running
 //! (`status`).
 
+mod baseline;
 mod check;
 mod human;
 mod md;
@@ -126,6 +127,12 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Configuration baseline: record this node's configuration, state and content summary
+    /// (blake3 per extent of the backing) before a change; show what changed since.
+    Baseline {
+        #[command(subcommand)]
+        action: BaselineAction,
+    },
     /// The node's event log: role changes, connects, resyncs, split brains, failures,
     /// operator commands and who asked, alerts. Read from the file: works with the daemon
     /// down.
@@ -186,6 +193,41 @@ enum Verb {
     },
 }
 
+#[derive(Subcommand)]
+enum BaselineAction {
+    /// Record a baseline now (reads the whole backing).
+    Save {
+        resource: Option<String>,
+        /// Its name (default: the time, e.g. 20261125T165400Z).
+        #[arg(long)]
+        name: Option<String>,
+        /// Extent size of the content summary.
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        extent: u64,
+        /// Replace a baseline of the same name.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What changed since a baseline (default: the newest): configuration lines, state,
+    /// extents whose content differs.
+    Diff {
+        resource: Option<String>,
+        /// The baseline's name.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The saved baselines.
+    List {
+        resource: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 impl Verb {
     fn resource(&self) -> Option<&str> {
         match self {
@@ -202,6 +244,11 @@ impl Verb {
             | Verb::Latency { resource, .. }
             | Verb::Check { resource, .. }
             | Verb::Events { resource, .. } => resource.as_deref(),
+            Verb::Baseline { action } => match action {
+                BaselineAction::Save { resource, .. }
+                | BaselineAction::Diff { resource, .. }
+                | BaselineAction::List { resource, .. } => resource.as_deref(),
+            },
             Verb::Keygen { .. } => None,
         }
     }
@@ -418,6 +465,7 @@ fn run(cli: Cli) -> Result<u8, Fail> {
             json,
             ..
         } => verify(&cfg, &node, repair, no_wait, json),
+        Verb::Baseline { action } => baseline_cmd(&cfg, &node, action),
         Verb::Events {
             follow,
             last,
@@ -462,6 +510,99 @@ fn run(cli: Cli) -> Result<u8, Fail> {
                 println!("{v}");
             } else {
                 print!("{}", human::plan(&v));
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// `blkrep baseline ...`.
+fn baseline_cmd(cfg: &Config, node: &str, action: BaselineAction) -> Result<u8, Fail> {
+    use std::io::IsTerminal;
+    let progress = std::io::stderr().is_terminal();
+    match action {
+        BaselineAction::Save {
+            name,
+            extent,
+            force,
+            json,
+            ..
+        } => {
+            let name = name.unwrap_or_else(|| {
+                blkrep_common::events::rfc3339(blkrep_common::events::now_ms())
+                    .replace([':', '-'], "")
+                    .split('.')
+                    .next()
+                    .unwrap_or("baseline")
+                    .to_string()
+                    + "Z"
+            });
+            baseline::check_name(&name).map_err(usage)?;
+            let status = daemon_status(cfg, node);
+            let b = baseline::take(cfg, node, &name, status.as_ref(), extent, progress && !json)?;
+            let path = baseline::save(cfg, node, &b, force)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"name": b.name, "path": path, "saved_at": b.saved_at,
+                        "extents": b.content.extents.len(), "state": b.state})
+                );
+            } else {
+                println!(
+                    "baseline {:?} saved: {} ({} extents of {}; {} / {}, generation {}, sequence {})",
+                    b.name,
+                    path.display(),
+                    b.content.extents.len(),
+                    human::bytes(b.content.extent_bytes),
+                    b.state.role,
+                    b.state.disk_state,
+                    b.state.generation,
+                    b.state.seq
+                );
+            }
+            Ok(0)
+        }
+        BaselineAction::Diff { name, json, .. } => {
+            let then = baseline::load(cfg, node, name.as_deref())?;
+            let status = daemon_status(cfg, node);
+            let now = baseline::take(
+                cfg,
+                node,
+                "now",
+                status.as_ref(),
+                then.content.extent_bytes,
+                progress && !json,
+            )?;
+            let d = baseline::diff(&then, &now);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print!("{}", baseline::render_diff(&d));
+            }
+            Ok(0)
+        }
+        BaselineAction::List { json, .. } => {
+            let all = baseline::list(cfg, node)?;
+            if json {
+                let v: Vec<_> = all
+                    .iter()
+                    .map(|b| serde_json::json!({"name": b.name, "saved_at": b.saved_at, "state": b.state}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if all.is_empty() {
+                println!("no baselines ({})", baseline::dir(cfg, node)?.display());
+            } else {
+                for b in &all {
+                    println!(
+                        "{:<24} {}  {} / {}, generation {}, sequence {}",
+                        b.name,
+                        b.saved_at,
+                        b.state.role,
+                        b.state.disk_state,
+                        b.state.generation,
+                        b.state.seq
+                    );
+                }
             }
             Ok(0)
         }

@@ -196,3 +196,92 @@ fn check_fails_on_an_unreachable_peer_a_mismatched_config_and_a_wrong_key() {
     let down = p.blkrep_with(&rekeyed, 1, &["down"]);
     assert!(down.status.success());
 }
+
+#[test]
+fn a_baseline_shows_what_changed_since() {
+    let p = Pair::new("baseline", "async", 16 << 20);
+    p.start(0);
+    let out = p.ok(
+        0,
+        &[
+            "baseline",
+            "save",
+            "--name",
+            "before-change",
+            "--extent",
+            "1M",
+        ],
+    );
+    assert!(out.contains("16 extents of 1.0 MiB"), "{out}");
+    // The same name again is refused.
+    let again = p.blkrep(
+        0,
+        &[
+            "baseline",
+            "save",
+            "--name",
+            "before-change",
+            "--extent",
+            "1M",
+        ],
+    );
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+    let bad = p.blkrep(0, &["baseline", "save", "--name", "../x"]);
+    assert_eq!(bad.status.code(), Some(2));
+
+    // Nothing changed yet.
+    let d: Value = serde_json::from_str(&p.ok(0, &["baseline", "diff", "--json"])).unwrap();
+    assert_eq!(d["config_changed"], false, "{d}");
+    assert_eq!(d["extents_changed"], serde_json::json!([]), "{d}");
+    assert_eq!(d["state_changes"], serde_json::json!([]), "{d}");
+
+    // A write in the sixth MiB and a changed configuration line.
+    p.qemu_io_ok(0, &["write -P 9 5M 64k"]);
+    p.wait_in_sync(0);
+    let text = std::fs::read_to_string(&p.config).unwrap();
+    std::fs::write(
+        &p.config,
+        text.replacen("mode = \"async\"", "mode = \"sync\"", 1),
+    )
+    .unwrap();
+    let d: Value = serde_json::from_str(&p.ok(0, &["baseline", "diff", "--json"])).unwrap();
+    assert_eq!(d["baseline"], "before-change");
+    assert_eq!(d["extents_total"], 16);
+    assert_eq!(
+        d["extents_changed"],
+        serde_json::json!([[5 << 20, 6 << 20]]),
+        "{d}"
+    );
+    assert_eq!(d["config_changed"], true);
+    assert_eq!(
+        d["config_only_then"],
+        serde_json::json!(["mode = \"async\""])
+    );
+    assert_eq!(d["config_only_now"], serde_json::json!(["mode = \"sync\""]));
+    let seq = d["state_changes"].as_array().unwrap();
+    assert!(
+        seq.iter()
+            .any(|c| c.as_str().unwrap().starts_with("sequence: ")),
+        "{d}"
+    );
+    let human = p.ok(0, &["baseline", "diff"]);
+    assert!(
+        human.contains("content: 1 of 16 extents changed (1.0 MiB)"),
+        "{human}"
+    );
+    assert!(human.contains("+ mode = \"sync\""), "{human}");
+    std::fs::write(&p.config, text).unwrap();
+
+    // A damaged baseline is refused, not trusted.
+    let file = p
+        .dir
+        .path()
+        .join("alpha.md.baselines")
+        .join("before-change.json");
+    let b = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, b.replacen("\"primary\"", "\"secondary\"", 1)).unwrap();
+    let out = p.blkrep(0, &["baseline", "diff", "--name", "before-change"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checksum mismatch"));
+}
