@@ -157,7 +157,7 @@ pub fn take(
     extent: u64,
     progress: bool,
 ) -> anyhow::Result<Baseline> {
-    if extent == 0 || extent % 4096 != 0 {
+    if extent == 0 || !extent.is_multiple_of(4096) {
         bail!("--extent must be a positive multiple of 4096 bytes");
     }
     let now = blkrep_common::events::now_ms();
