@@ -26,6 +26,8 @@ command -v clang    >/dev/null || need+=(clang)
 [ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
 command -v losetup  >/dev/null || need+=(mount)
 command -v setpriv >/dev/null || need+=(util-linux)
+# systemd-analyze checks packaging/systemd/blkrep@.service.
+command -v systemd-analyze >/dev/null || need+=(systemd)
 
 vm_need=()
 if [ "$vm" = 1 ]; then
