@@ -54,18 +54,12 @@ struct hval {
 	__u64 completed;    /* requests completed (with or without a recorded issue) */
 };
 
-struct start {
-	__u64 ts;
-	__u32 idx; /* the histogram entry: device index * NR_OPS + op */
-	__u32 pad;
-};
-
-/* In-flight requests of traced devices: issue time, keyed by the request pointer. */
+/* In-flight requests of traced devices: issue time (ns), keyed by the request pointer. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
-	__type(value, struct start);
+	__type(value, __u64);
 } starts SEC(".maps");
 
 /* Traced devices: MKDEV(major, minor) -> device index (0..MAX_DEVS-1), set by userspace. */
@@ -110,33 +104,36 @@ static __always_inline int entry_of(int major, int first_minor, unsigned int cmd
 	return *di * NR_OPS + op_of(cmd_flags);
 }
 
-static __always_inline int on_issue(__u64 rq, int idx)
+/* The histogram entry `idx`, or NULL for an untraced device (idx < 0). */
+static __always_inline struct hval *hist_at(int idx)
 {
 	if (idx < 0)
-		return 0;
+		return NULL;
 	__u32 i = idx;
-	struct hval *v = bpf_map_lookup_elem(&hists, &i);
+	return bpf_map_lookup_elem(&hists, &i);
+}
+
+static __always_inline int on_issue(__u64 rq, int idx)
+{
+	struct hval *v = hist_at(idx);
 	if (!v)
 		return 0;
-	struct start s = { .ts = bpf_ktime_get_ns(), .idx = i };
-	bpf_map_update_elem(&starts, &rq, &s, BPF_ANY);
+	__u64 ts = bpf_ktime_get_ns();
+	bpf_map_update_elem(&starts, &rq, &ts, BPF_ANY);
 	__sync_fetch_and_add(&v->issued, 1);
 	return 0;
 }
 
 static __always_inline int on_complete(__u64 rq, int idx)
 {
-	if (idx < 0)
-		return 0;
-	__u32 i = idx;
-	struct hval *v = bpf_map_lookup_elem(&hists, &i);
+	struct hval *v = hist_at(idx);
 	if (!v)
 		return 0;
 	__sync_fetch_and_add(&v->completed, 1);
-	struct start *s = bpf_map_lookup_elem(&starts, &rq);
-	if (!s)
+	__u64 *ts = bpf_map_lookup_elem(&starts, &rq);
+	if (!ts)
 		return 0; /* issued before we attached */
-	__u64 delta = bpf_ktime_get_ns() - s->ts;
+	__u64 delta = bpf_ktime_get_ns() - *ts;
 	bpf_map_delete_elem(&starts, &rq);
 	__u64 us = delta / 1000;
 	__u32 slot = 0;

@@ -9,7 +9,6 @@
 //! a crash, an edit) is reported and skipped, never trusted.
 
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 /// Version of the line format.
@@ -76,20 +75,27 @@ impl EventRecord {
 
 /// Read a log: the valid events, and a description of every line that was not one.
 pub fn read(path: &Path) -> std::io::Result<(Vec<EventRecord>, Vec<String>)> {
-    let f = std::fs::File::open(path)?;
+    Ok(parse(
+        &std::fs::read_to_string(path)?,
+        &path.display().to_string(),
+    ))
+}
+
+/// The valid events of a log's text, and a description of every line (of file `shown`)
+/// that was not one.
+pub fn parse(text: &str, shown: &str) -> (Vec<EventRecord>, Vec<String>) {
     let mut events = Vec::new();
     let mut bad = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line?;
+    for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        match EventRecord::from_line(&line) {
+        match EventRecord::from_line(line) {
             Ok(e) => events.push(e),
-            Err(why) => bad.push(format!("{}: line {}: {why}", path.display(), i + 1)),
+            Err(why) => bad.push(format!("{shown}: line {}: {why}", i + 1)),
         }
     }
-    Ok((events, bad))
+    (events, bad)
 }
 
 /// `2026-11-25T16:54:09.904Z` for milliseconds since the epoch.

@@ -90,14 +90,12 @@ fn state(cfg: &Config, node: &str, status: Option<&Value>) -> anyhow::Result<Sta
         }
         None => {
             let m = md::read(cfg, node)?;
-            let low = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+            // The same words the daemon's status uses (the enums' serde names).
+            let word_of = |v: serde_json::Result<Value>| v.map(|v| word(&v)).unwrap_or_default();
             State {
                 source: "metadata".into(),
-                role: low(&m.role),
-                disk_state: match low(&m.disk_state).as_str() {
-                    "uptodate" => "up_to_date".into(),
-                    other => other.to_string(),
-                },
+                role: word_of(serde_json::to_value(m.role)),
+                disk_state: word_of(serde_json::to_value(m.disk_state)),
                 generation: format!("{:016x}", m.generation),
                 seq: m.applied_seq,
                 conn: None,

@@ -120,21 +120,18 @@ pub fn run(cfg: &Config, node: &str, status: Option<&Value>, bandwidth_bytes: us
         Duration::from_secs(5),
         bandwidth_bytes,
     );
+    // Only an unreachable peer or a broken exchange fails "peer reachable"; an
+    // authentication failure means it answered.
+    let at = format!("{} at {}", peer.name, peer.address);
+    let (reach, detail) = match &report {
+        Err(ProbeError::Unreachable(e)) => (Level::Fail, format!("{at}: {e}")),
+        Err(ProbeError::Exchange(e)) => (Level::Fail, format!("{at}: the probe broke off: {e}")),
+        Err(ProbeError::Auth(_)) | Ok(_) => (Level::Pass, at),
+    };
+    out.push(item("peer reachable", reach, detail));
     let r = match report {
-        Err(ProbeError::Unreachable(e)) => {
-            out.push(item(
-                "peer reachable",
-                Level::Fail,
-                format!("{} at {}: {e}", peer.name, peer.address),
-            ));
-            return out;
-        }
+        Ok(r) => r,
         Err(ProbeError::Auth(e)) => {
-            out.push(item(
-                "peer reachable",
-                Level::Pass,
-                format!("{} at {}", peer.name, peer.address),
-            ));
             out.push(item(
                 "peer authenticated",
                 Level::Fail,
@@ -142,24 +139,8 @@ pub fn run(cfg: &Config, node: &str, status: Option<&Value>, bandwidth_bytes: us
             ));
             return out;
         }
-        Err(ProbeError::Exchange(e)) => {
-            out.push(item(
-                "peer reachable",
-                Level::Fail,
-                format!(
-                    "{} at {}: the probe broke off: {e}",
-                    peer.name, peer.address
-                ),
-            ));
-            return out;
-        }
-        Ok(r) => r,
+        Err(_) => return out,
     };
-    out.push(item(
-        "peer reachable",
-        Level::Pass,
-        format!("{} at {}", peer.name, peer.address),
-    ));
     out.push(item(
         "peer authenticated",
         if tls.is_some() {
@@ -422,7 +403,10 @@ fn generations(
             Some(m) => (
                 m.generation,
                 m.history.clone(),
-                format!("{:?}", m.role).to_lowercase(),
+                serde_json::to_value(m.role)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
             ),
             None => {
                 return item(

@@ -659,50 +659,36 @@ fn events(
             .into())
         }
     };
+    // The lines there now are collected (for --last), then printed; with --follow the
+    // lines appended later are printed as they come. A line without its newline is still
+    // being written: it is read again later.
     let mut reader = std::io::BufReader::new(&mut file);
-    let mut all = Vec::new();
+    let mut first: Option<Vec<EventRecord>> = Some(Vec::new());
     let mut line = String::new();
     let mut n = 0;
-    loop {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 {
-            break;
-        }
-        n += 1;
-        if !line.ends_with('\n') {
-            // A line still being written: read it again when following.
-            let back = line.len() as i64;
-            reader.seek_relative(-back)?;
-            break;
-        }
-        match EventRecord::from_line(line.trim_end()) {
-            Ok(e) => all.push(e),
-            Err(why) if !line.trim().is_empty() => {
-                eprintln!("blkrep: {}: line {n}: {why} (skipped)", path.display())
-            }
-            Err(_) => {}
-        }
-    }
-    let skip = last.map_or(0, |l| all.len().saturating_sub(l));
-    for e in &all[skip..] {
-        show(e);
-    }
-    if !follow {
-        return Ok(0);
-    }
     loop {
         line.clear();
         let got = reader.read_line(&mut line)?;
         if got == 0 || !line.ends_with('\n') {
             if got > 0 {
-                reader.seek_relative(-(line.len() as i64))?;
+                reader.seek_relative(-(got as i64))?;
+            }
+            if let Some(all) = first.take() {
+                let skip = last.map_or(0, |l| all.len().saturating_sub(l));
+                all[skip..].iter().for_each(&show);
+                if !follow {
+                    return Ok(0);
+                }
             }
             std::thread::sleep(Duration::from_millis(200));
             continue;
         }
         n += 1;
         match EventRecord::from_line(line.trim_end()) {
-            Ok(e) => show(&e),
+            Ok(e) => match first.as_mut() {
+                Some(all) => all.push(e),
+                None => show(&e),
+            },
             Err(why) if !line.trim().is_empty() => {
                 eprintln!("blkrep: {}: line {n}: {why} (skipped)", path.display())
             }

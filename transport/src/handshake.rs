@@ -281,7 +281,8 @@ pub fn server_accept<S: Read + Write + ?Sized>(
     Ok(Accepted::Link)
 }
 
-fn wall_ns() -> u64 {
+/// Wall clock, nanoseconds since the Unix epoch.
+pub(crate) fn wall_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)

@@ -4,7 +4,7 @@
 //! with echoes. The peer answers from its handshake thread; its replication link, if up,
 //! is not touched.
 
-use crate::handshake::{client_probe, probe_echo, LinkIdentity};
+use crate::handshake::{client_probe, probe_echo, wall_ns, LinkIdentity};
 use crate::tls::{TlsSetup, TlsStream};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -116,10 +116,4 @@ fn run<S: Read + Write + ?Sized>(
         clock_offset_ns,
         security,
     })
-}
-
-fn wall_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }

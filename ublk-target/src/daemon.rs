@@ -389,16 +389,16 @@ impl Loop {
                 self.post_timer();
                 let now = self.now_ns();
                 self.feed(Input::Tick { now_ns: now });
-                self.publish_state();
-                self.check_alerts();
+                let st = self.vol.status();
+                self.publish_state(&st);
+                self.check_alerts(&st);
                 self.reap_lingering_links();
             }
         }
     }
 
     /// Publish the summary a probe from the peer's `blkrep check` gets.
-    fn publish_state(&mut self) {
-        let st = self.vol.status();
+    fn publish_state(&mut self, st: &blkrep_engine::status::EngineStatus) {
         let v = serde_json::json!({
             "role": st.role,
             "disk_state": st.disk_state,
@@ -695,9 +695,8 @@ impl Loop {
     }
 
     /// Raise and clear the alerts of `[alerts]` (every tick).
-    fn check_alerts(&mut self) {
+    fn check_alerts(&mut self, st: &blkrep_engine::status::EngineStatus) {
         use blkrep_engine::{ConnState, DiskState};
-        let st = self.vol.status();
         let a = self.shared.alerts.clone();
         let up = matches!(
             st.conn,

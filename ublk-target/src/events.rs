@@ -1,7 +1,7 @@
 //! Writing the node's event log (format: `blkrep_common::events`). A thread appends and
 //! fdatasyncs each line, so the event loop never waits for the disk; `close` drains it.
 
-use blkrep_common::events::{now_ms, read, rfc3339, EventRecord, EVENT_VERSION};
+use blkrep_common::events::{now_ms, parse, rfc3339, EventRecord, EVENT_VERSION};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -35,31 +35,29 @@ impl EventLog {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("event log directory {} (node.events)", dir.display()))?;
         }
-        let mut seq = match read(path) {
-            Ok((events, bad)) => {
-                for b in bad {
-                    tracing::warn!("event log: skipping {b}");
-                }
-                events.last().map_or(0, |e| e.seq)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("event log {} (node.events)", path.display()))
-            }
+        let shown = path.display().to_string();
+        let text = match std::fs::read(path) {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("event log {shown} (node.events)")),
         };
+        let (events, bad) = parse(&text, &shown);
+        for b in bad {
+            tracing::warn!("event log: skipping {b}");
+        }
+        let mut seq = events.last().map_or(0, |e| e.seq);
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .with_context(|| format!("event log {} (node.events)", path.display()))?;
+            .with_context(|| format!("event log {shown} (node.events)"))?;
         // A torn last line (a crash in the middle of a write) must not glue onto the next.
-        if std::fs::read(path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n')) {
-            let _ = file.write_all(b"\n");
+        if !text.is_empty() && !text.ends_with('\n') {
+            file.write_all(b"\n")
+                .with_context(|| format!("event log {shown} (node.events)"))?;
         }
         let (tx, rx) = crossbeam_channel::unbounded::<Pending>();
         let (resource, node) = (resource.to_string(), node.to_string());
-        let shown = path.display().to_string();
         let handle = std::thread::Builder::new()
             .name("events".into())
             .spawn(move || {

@@ -46,6 +46,30 @@ fn get<'a>(checks: &'a [(String, String, String)], name: &str) -> (&'a str, &'a 
         .unwrap_or_else(|| panic!("no check {name:?} in {checks:?}"))
 }
 
+/// Start beta with another configuration file, check alpha (which must fail), stop beta;
+/// returns what failed.
+fn check_against_beta_with(
+    p: &Pair,
+    config_text: &str,
+    tag: &str,
+) -> (String, String, Vec<(String, String, String)>) {
+    let config = p.dir.path().join(format!("beta-{tag}.toml"));
+    std::fs::write(&config, config_text).unwrap();
+    let up = p.blkrep_with(&config, 1, &["up"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let (rc, c) = check(p, 0);
+    assert_eq!(rc, 1, "{c:?}");
+    let (name, why) = failed(&c);
+    let (name, why) = (name.to_string(), why.to_string());
+    let down = p.blkrep_with(&config, 1, &["down"]);
+    assert!(down.status.success());
+    (name, why, c)
+}
+
 /// The only failed check.
 fn failed(checks: &[(String, String, String)]) -> (&str, &str) {
     let f: Vec<_> = checks.iter().filter(|c| c.1 == "fail").collect();
@@ -137,29 +161,17 @@ fn check_fails_on_an_unreachable_peer_a_mismatched_config_and_a_wrong_key() {
 
     // beta runs with a configuration that differs in one line.
     let text = std::fs::read_to_string(&p.config).unwrap();
-    let differing = p.dir.path().join("beta-differs.toml");
-    std::fs::write(
-        &differing,
-        text.replacen("[resource]\n", "[resource]\nresync_rate = \"10M\"\n", 1),
-    )
-    .unwrap();
-    let up = p.blkrep_with(&differing, 1, &["up"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
+    let (name, why, _) = check_against_beta_with(
+        &p,
+        &text.replacen("[resource]\n", "[resource]\nresync_rate = \"10M\"\n", 1),
+        "differs",
     );
-    let (rc, c) = check(&p, 0);
-    assert_eq!(rc, 1);
-    let (name, why) = failed(&c);
     assert_eq!(name, "configuration identical");
     assert!(
         why.contains("only at beta: \"resync_rate = \\\"10M\\\"\"")
             && why.contains("only here: none"),
         "{why}"
     );
-    let down = p.blkrep_with(&differing, 1, &["down"]);
-    assert!(down.status.success());
 
     // beta comes back with another key than the one alpha pins.
     let lines = keygen(&p.dir.path().join("beta2"));
@@ -179,22 +191,10 @@ fn check_fails_on_an_unreachable_peer_a_mismatched_config_and_a_wrong_key() {
         other += l;
         other += "\n";
     }
-    let rekeyed = p.dir.path().join("beta-rekeyed.toml");
-    std::fs::write(&rekeyed, other).unwrap();
-    let up = p.blkrep_with(&rekeyed, 1, &["up"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    let (rc, c) = check(&p, 0);
-    assert_eq!(rc, 1);
-    let (name, why) = failed(&c);
+    let (name, why, c) = check_against_beta_with(&p, &other, "rekeyed");
     assert_eq!(name, "peer authenticated");
     assert!(why.contains("TLS"), "{why}");
     assert_eq!(get(&c, "peer reachable").0, "pass");
-    let down = p.blkrep_with(&rekeyed, 1, &["down"]);
-    assert!(down.status.success());
 }
 
 #[test]

@@ -170,36 +170,24 @@ impl Stages {
 
     /// The primary sent stream item `seq` (a resend after a reconnect is not timed).
     pub fn shipped(&mut self, seq: Seq, now: Instant) {
-        if self.shipped.back().is_none_or(|&(s, _)| seq > s) {
-            self.shipped.push_back((seq, now));
-        }
+        push_seq(&mut self.shipped, seq, now);
     }
 
     /// The peer acknowledged every item `<= applied`.
     pub fn acked(&mut self, applied: Seq, now: Instant) {
-        while let Some(&(s, t)) = self.shipped.front() {
-            if s > applied {
-                break;
-            }
-            self.shipped.pop_front();
+        while let Some(t) = pop_seq(&mut self.shipped, applied) {
             self.record(Stage::ShipAck, t, now);
         }
     }
 
     /// The secondary received stream item `seq`.
     pub fn received(&mut self, seq: Seq, now: Instant) {
-        if self.received.back().is_none_or(|&(s, _)| seq > s) {
-            self.received.push_back((seq, now));
-        }
+        push_seq(&mut self.received, seq, now);
     }
 
     /// The secondary acknowledged every item `<= applied`.
     pub fn applied(&mut self, applied: Seq, now: Instant) {
-        while let Some(&(s, t)) = self.received.front() {
-            if s > applied {
-                break;
-            }
-            self.received.pop_front();
+        while let Some(t) = pop_seq(&mut self.received, applied) {
             self.record(Stage::RemoteApply, t, now);
         }
     }
@@ -238,6 +226,23 @@ impl Stages {
             })
             .collect()
     }
+}
+
+/// Note when item `seq` left or arrived, unless it is not newer than the last one noted
+/// (a resend after a reconnect).
+fn push_seq(q: &mut VecDeque<(Seq, Instant)>, seq: Seq, now: Instant) {
+    if q.back().is_none_or(|&(s, _)| seq > s) {
+        q.push_back((seq, now));
+    }
+}
+
+/// The time of the oldest noted item `<= upto`, taken off the queue.
+fn pop_seq(q: &mut VecDeque<(Seq, Instant)>, upto: Seq) -> Option<Instant> {
+    let &(s, t) = q.front()?;
+    (s <= upto).then(|| {
+        q.pop_front();
+        t
+    })
 }
 
 /// Everything the daemon tracks: the stages, and the kernel programs when they run.
