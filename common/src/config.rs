@@ -211,6 +211,46 @@ struct RawConfig {
     #[serde(default)]
     node: Vec<RawNode>,
     alerts: Option<RawAlerts>,
+    drill: Option<RawDrill>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDrill {
+    checks: Option<Vec<String>>,
+    probe: Option<String>,
+    reports: Option<PathBuf>,
+    store: Option<PathBuf>,
+}
+
+/// The checks a drill can run on its clone, in the order they run.
+pub const DRILL_CHECKS: [&str; 3] = ["mount", "probe", "fsck"];
+
+/// `blkrep drill` settings (`[drill]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Drill {
+    /// Checks to run on the clone: `mount` (mount it, list the root, unmount; the
+    /// journal replay goes to the clone), `probe` (the probe command), `fsck`
+    /// (`e2fsck -fn`). Default: all three (`probe` only when a probe command is set).
+    pub checks: Vec<String>,
+    /// A shell command run against the clone (`BLKREP_DRILL_DEVICE`, `BLKREP_DRILL_NBD`
+    /// and, while mounted, `BLKREP_DRILL_MOUNT` in its environment); exit 0 passes.
+    pub probe: Option<String>,
+    /// Where evidence reports go (default: beside the node's event log, `NAME.drills/`).
+    pub reports: Option<PathBuf>,
+    /// Where the clone's copy-on-write store lives (default: beside the event log).
+    pub store: Option<PathBuf>,
+}
+
+impl Default for Drill {
+    fn default() -> Self {
+        Drill {
+            checks: DRILL_CHECKS.iter().map(|c| c.to_string()).collect(),
+            probe: None,
+            reports: None,
+            store: None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -382,6 +422,8 @@ pub struct Config {
     pub text: String,
     /// Alert thresholds.
     pub alerts: Alerts,
+    /// Drill settings.
+    pub drill: Drill,
 }
 
 impl Config {
@@ -439,6 +481,23 @@ impl Config {
                     *slot = v;
                 }
             }
+        }
+        let mut drill = Drill::default();
+        if let Some(d) = raw.drill {
+            if let Some(checks) = d.checks {
+                for c in &checks {
+                    if !DRILL_CHECKS.contains(&c.as_str()) {
+                        return Err(invalid(
+                            "drill.checks".into(),
+                            format!("unknown check {c:?} (known: {})", DRILL_CHECKS.join(", ")),
+                        ));
+                    }
+                }
+                drill.checks = checks;
+            }
+            drill.probe = d.probe.filter(|p| !p.trim().is_empty());
+            drill.reports = d.reports;
+            drill.store = d.store;
         }
         let size = r.size.0;
         if size == 0 {
@@ -710,6 +769,7 @@ impl Config {
             hash: blake3::hash(text.as_bytes()).to_hex().to_string(),
             text: text.to_string(),
             alerts,
+            drill,
         })
     }
 
@@ -768,6 +828,32 @@ impl Config {
     /// Where the daemon records its ublk device id, for recovery after a crash.
     pub fn ublk_record(&self, node: &str) -> PathBuf {
         self.run_file(node, "ublk")
+    }
+
+    /// The drill clone's copy-on-write store file of `node`.
+    pub fn drill_store(&self, node: &NodeConfig) -> PathBuf {
+        match &self.drill.store {
+            Some(dir) => dir.join(format!("{}-{}.drill-store", self.resource.name, node.name)),
+            None => node.events.with_extension("drill-store"),
+        }
+    }
+
+    /// The directory of `node`'s drill evidence reports.
+    pub fn drill_reports(&self, node: &NodeConfig) -> PathBuf {
+        self.drill
+            .reports
+            .clone()
+            .unwrap_or_else(|| node.events.with_extension("drills"))
+    }
+
+    /// The drill clone's ublk device record (for removal after a crash).
+    pub fn drill_record(&self, node: &str) -> PathBuf {
+        self.run_file(node, "drill.ublk")
+    }
+
+    /// The drill clone's NBD socket (export `drill`).
+    pub fn drill_socket(&self, node: &str) -> PathBuf {
+        self.run_file(node, "drill.nbd")
     }
 
     /// Queues and depth of `node`'s ublk device.

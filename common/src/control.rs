@@ -45,6 +45,15 @@ pub enum Request {
     },
     /// Latency histograms (a [`crate::latency::LatencyReport`]).
     Latency,
+    /// Start a drill on a secondary: take a consistent cut and expose a copy-on-write
+    /// clone of it (a [`DrillStarted`]) while replication goes on into the replica.
+    DrillStart,
+    /// End the drill: remove the clone and its store (a [`DrillStopped`]); `outcome` is
+    /// the verdict line for the event log.
+    DrillStop {
+        #[serde(default)]
+        outcome: Option<String>,
+    },
     /// Stop cleanly.
     Shutdown,
 }
@@ -154,6 +163,70 @@ pub struct DaemonStatus {
     pub event_log: String,
     /// The replication engine's state.
     pub engine: EngineStatus,
+    /// The drill under way on this node, if one is.
+    #[serde(default)]
+    pub drill: Option<DrillStatus>,
+}
+
+/// A drill under way (in `status`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DrillStatus {
+    /// When its cut was taken (RFC 3339 UTC).
+    pub since: String,
+    /// The clone's ublk device, if it has one.
+    pub device: Option<String>,
+    /// The clone's NBD export.
+    pub nbd: String,
+    /// Bytes of the cut saved in the store before replication overwrote them.
+    pub preserved_bytes: u64,
+    /// Bytes the clone's own users wrote (a mount's journal replay, a probe).
+    pub clone_written_bytes: u64,
+    /// Why the clone stopped being usable, if it did (replication goes on regardless).
+    pub broken: Option<String>,
+}
+
+/// The answer to [`Request::DrillStart`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DrillStarted {
+    /// The clone's ublk block device (`/dev/ublkbN`), where ublk is available.
+    pub device: Option<String>,
+    /// Why there is no ublk device, when there is none.
+    pub device_error: Option<String>,
+    /// The clone's NBD export (`nbd+unix:///drill?socket=...`), always.
+    pub nbd: String,
+    /// Volume size, bytes.
+    pub size: u64,
+    /// The cut: every stream item up to this sequence is in the clone.
+    pub cut_applied_seq: u64,
+    /// The highest sequence the secondary had received at the cut.
+    pub cut_received_seq: u64,
+    /// The replica's generation at the cut.
+    pub generation: u64,
+    /// The replica's disk state at the cut.
+    pub disk_state: String,
+    /// When the cut was taken (RFC 3339 UTC).
+    pub cut_at: String,
+    /// How long applies were held to take the cut, seconds.
+    pub hold_seconds: f64,
+    /// Writes that waited during the hold.
+    pub held_writes: u64,
+    /// From the request's arrival to the clone's devices being served, seconds.
+    pub seconds: f64,
+}
+
+/// The answer to [`Request::DrillStop`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DrillStopped {
+    /// Bytes of the cut saved before replication overwrote them.
+    pub preserved_bytes: u64,
+    /// Bytes the clone's users wrote.
+    pub clone_written_bytes: u64,
+    /// Stream items the replica applied while the drill ran.
+    pub applied_during: u64,
+    /// Why the clone stopped being usable, if it did.
+    pub broken: Option<String>,
+    /// Time to tear the clone down, seconds.
+    pub seconds: f64,
 }
 
 /// A failed link attempt.

@@ -36,6 +36,30 @@ fn item(check: &'static str, result: Level, detail: impl Into<String>) -> Item {
     }
 }
 
+/// This node's TLS setup for talking to `peer` (None: an insecure pair).
+pub fn peer_tls(me: &NodeConfig, peer: &NodeConfig) -> Result<Option<TlsSetup>, String> {
+    match (&me.tls, &peer.tls) {
+        (Some(mine), Some(theirs)) => TlsSetup::load(&TlsFiles {
+            cert: &mine.cert,
+            key: &mine.key,
+            own: mine.fingerprint,
+            peer: theirs.fingerprint,
+        })
+        .map(Some)
+        .map_err(|e| format!("this node's TLS identity: {e}")),
+        _ => Ok(None),
+    }
+}
+
+/// Who this node is on the link to `peer`.
+pub fn link_identity(cfg: &Config, me: &NodeConfig, peer: &NodeConfig) -> LinkIdentity {
+    LinkIdentity {
+        resource: cfg.resource.name.clone(),
+        local_node: me.name.clone(),
+        peer_node: peer.name.clone(),
+    }
+}
+
 /// Run every check of `node`; `status` is its daemon's answer, when one runs.
 pub fn run(cfg: &Config, node: &str, status: Option<&Value>, bandwidth_bytes: usize) -> Vec<Item> {
     let mut out = Vec::new();
@@ -89,33 +113,16 @@ pub fn run(cfg: &Config, node: &str, status: Option<&Value>, bandwidth_bytes: us
     });
 
     // The peer, over its replication port, authenticated as the link is.
-    let tls = match (&me.tls, &peer.tls) {
-        (Some(mine), Some(theirs)) => match TlsSetup::load(&TlsFiles {
-            cert: &mine.cert,
-            key: &mine.key,
-            own: mine.fingerprint,
-            peer: theirs.fingerprint,
-        }) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                out.push(item(
-                    "peer authenticated",
-                    Level::Fail,
-                    format!("this node's TLS identity: {e}"),
-                ));
-                return out;
-            }
-        },
-        _ => None,
-    };
-    let id = LinkIdentity {
-        resource: cfg.resource.name.clone(),
-        local_node: me.name.clone(),
-        peer_node: peer.name.clone(),
+    let tls = match peer_tls(me, peer) {
+        Ok(t) => t,
+        Err(e) => {
+            out.push(item("peer authenticated", Level::Fail, e));
+            return out;
+        }
     };
     let report = probe(
         &peer.address,
-        &id,
+        &link_identity(cfg, me, peer),
         tls.as_ref(),
         Duration::from_secs(5),
         bandwidth_bytes,

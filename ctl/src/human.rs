@@ -80,6 +80,20 @@ pub fn status(s: &DaemonStatus) -> String {
              failback --plan`, then run `blkrep resolve --discard-local` on the losing node."
         );
     }
+    if let Some(d) = &s.drill {
+        let _ = writeln!(
+            o,
+            "  DRILL since {}: clone on {} ({} of the cut preserved, {} written by the clone){}",
+            d.since,
+            d.device.as_deref().unwrap_or(&d.nbd),
+            bytes(d.preserved_bytes),
+            bytes(d.clone_written_bytes),
+            d.broken
+                .as_deref()
+                .map(|b| format!("; BROKEN: {b}"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(pg) = e.peer_generation {
         let rel = e
             .relation

@@ -7,6 +7,7 @@
 
 mod baseline;
 mod check;
+mod drill;
 mod human;
 mod md;
 
@@ -182,6 +183,31 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// DR drill on the secondary: a copy-on-write clone of the replica at a consistent
+    /// cut, served as a separate device while replication goes on; the checks run on it
+    /// (mount, probe command, e2fsck -fn); RPO at the cut and each step's time go into an
+    /// evidence report (JSON, Markdown, HTML). Exit 1 when the verdict is fail.
+    Drill {
+        resource: Option<String>,
+        /// Checks to run, comma-separated: mount, probe, fsck (default: drill.checks).
+        #[arg(long, value_delimiter = ',')]
+        checks: Option<Vec<String>>,
+        /// A shell command run against the clone (default: drill.probe); it gets
+        /// BLKREP_DRILL_DEVICE, BLKREP_DRILL_NBD and BLKREP_DRILL_MOUNT.
+        #[arg(long)]
+        probe: Option<String>,
+        /// Seconds the probe may run.
+        #[arg(long, default_value_t = 600)]
+        probe_timeout: u64,
+        /// List past drills and their verdicts.
+        #[arg(long, conflicts_with_all = ["abort", "checks", "probe"])]
+        history: bool,
+        /// End a drill left running (its clone and store are removed).
+        #[arg(long, conflicts_with_all = ["checks", "probe"])]
+        abort: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Failback: show what the next connection moves (direction, method, bytes).
     Failback {
         resource: Option<String>,
@@ -243,6 +269,7 @@ impl Verb {
             | Verb::Failback { resource, .. }
             | Verb::Latency { resource, .. }
             | Verb::Check { resource, .. }
+            | Verb::Drill { resource, .. }
             | Verb::Events { resource, .. } => resource.as_deref(),
             Verb::Baseline { action } => match action {
                 BaselineAction::Save { resource, .. }
@@ -504,6 +531,30 @@ fn run(cli: Cli) -> Result<u8, Fail> {
             json,
             ..
         } => latency(&cfg, &node, watch, interval, count, all, json),
+        Verb::Drill {
+            checks,
+            probe,
+            probe_timeout,
+            history,
+            abort,
+            json,
+            ..
+        } => Ok(if history {
+            drill::history(&cfg, &node, json)?
+        } else if abort {
+            drill::abort(&cfg, &node, json)?
+        } else {
+            drill::run(
+                &cfg,
+                &node,
+                &drill::Opts {
+                    checks,
+                    probe,
+                    probe_timeout: Duration::from_secs(probe_timeout),
+                    json,
+                },
+            )?
+        }),
         Verb::Failback { json, .. } => {
             let v = call(&cfg, &node, &Request::Plan)?;
             if json {

@@ -282,7 +282,7 @@ pub fn server_accept<S: Read + Write + ?Sized>(
 }
 
 /// Wall clock, nanoseconds since the Unix epoch.
-pub(crate) fn wall_ns() -> u64 {
+pub fn wall_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)

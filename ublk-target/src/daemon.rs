@@ -11,8 +11,10 @@
 //! into engine inputs and carries the engine's outputs out. The ublk frontend's I/O
 //! commands live in the same ring (`ublk_io.rs`).
 
+mod drill_io;
 mod nbd_io;
 mod ublk_io;
+pub use drill_io::DrillSetup;
 pub use ublk_io::UblkFrontend;
 
 use crate::backend::{Backing, DiskIo, MetaArea, Step};
@@ -209,6 +211,14 @@ pub struct Loop {
     iov_scratch: Vec<libc::iovec>,
     /// Stage latencies and the eBPF block-device histograms.
     tracking: crate::latency::Tracking,
+    /// Where drills live (None: drills refused).
+    drill_setup: Option<DrillSetup>,
+    /// The drill under way.
+    drill: Option<drill_io::Drill>,
+    /// Writes, zeroings and discards of the backing in the ring (a drill's cut waits for
+    /// none to be).
+    backing_writes: usize,
+    vol_size: u64,
 }
 
 impl Loop {
@@ -257,7 +267,18 @@ impl Loop {
             scratch: Vec::new(),
             iov_scratch: Vec::new(),
             tracking: crate::latency::Tracking::stages_only("not started by this daemon"),
+            drill_setup: None,
+            drill: None,
+            backing_writes: 0,
+            vol_size: 0,
         })
+    }
+
+    /// Allow drills, with the clone's files at `setup`, on a volume of `size` bytes.
+    pub fn with_drill(mut self, setup: DrillSetup, size: u64) -> Loop {
+        self.drill_setup = Some(setup);
+        self.vol_size = size;
+        self
     }
 
     /// Track latency with `t` (the eBPF programs, if it attached them).
@@ -307,6 +328,7 @@ impl Loop {
                 self.completion(ud as usize, res);
             }
         }
+        self.drill_shutdown();
         tracing::info!("stopped");
         if let Some(f) = self.ublk.as_ref().and_then(|u| u.failure()) {
             anyhow::bail!("ublk: {f}");
@@ -374,7 +396,12 @@ impl Loop {
                     self.ops[key] = Some(Op::Disk { op, io });
                     self.push(e.user_data(key as u64));
                 }
-                Step::Done(result) => self.feed(Input::DiskDone { op, result }),
+                Step::Done(result) => {
+                    if io.mutates_backing() {
+                        self.drill_write_done();
+                    }
+                    self.feed(Input::DiskDone { op, result })
+                }
             },
             Op::NbdRecv { key: c, gen } => self.nbd_recv_done(c, gen, res),
             Op::NbdSend { key: c, gen, .. } => self.nbd_send_done(c, gen, res),
@@ -393,6 +420,7 @@ impl Loop {
                 self.publish_state(&st);
                 self.check_alerts(&st);
                 self.reap_lingering_links();
+                self.drill_tick();
             }
         }
     }
@@ -406,6 +434,10 @@ impl Loop {
             "history": st.history,
             "conn": st.conn,
             "applied_seq": st.applied_seq,
+            "last_seq": st.last_seq,
+            "acked_seq": st.acked_seq,
+            "lag_seconds": st.lag_seconds,
+            "published_ns": blkrep_transport::handshake::wall_ns(),
         });
         if let Ok(mut p) = self.shared.published.lock() {
             *p = v.to_string();
@@ -522,6 +554,9 @@ impl Loop {
     }
 
     fn output(&mut self, o: Output) {
+        let Some(o) = self.drill_gate(o) else {
+            return;
+        };
         self.time_output(&o);
         match o {
             Output::Disk(DiskOp {
@@ -635,6 +670,14 @@ impl Loop {
             self.admin_call(c);
             return;
         }
+        match c.req {
+            Request::DrillStart => return self.drill_start(c),
+            Request::DrillStop { ref outcome } => {
+                let outcome = outcome.clone();
+                return self.drill_stop(c, outcome);
+            }
+            _ => {}
+        }
         if let Some(c) = self.ublk_gate(c) {
             self.admin_call(c);
         }
@@ -677,6 +720,13 @@ impl Loop {
                 return;
             }
             Request::Verify { repair } => AdminCmd::Verify { repair },
+            Request::DrillStart | Request::DrillStop { .. } => {
+                let _ = c.reply.send(Err(ControlError::new(
+                    "bad_request",
+                    "not an engine command",
+                )));
+                return;
+            }
         };
         let token = self.next_token;
         self.next_token += 1;
@@ -826,6 +876,7 @@ impl Loop {
                 .collect(),
             event_log: self.shared.events.path().display().to_string(),
             engine: self.vol.status(),
+            drill: self.drill_status(),
         };
         serde_json::to_value(st).unwrap_or_default()
     }

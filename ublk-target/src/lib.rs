@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod control;
 pub mod daemon;
+pub mod drill;
 pub mod events;
 pub mod journal_file;
 pub mod latency;

@@ -254,8 +254,18 @@ fn run_with(cfg: &Config, node: &str, events: crate::events::EventLog) -> anyhow
         },
     };
     // The loop (its ring, the tag buffers, the char device) is gone once this returns.
-    let r = Loop::new(vol, backing, meta_area, journal_file, shared, ident, ublk)
-        .and_then(|l| l.with_tracking(tracking).run());
+    let drill = crate::daemon::DrillSetup {
+        store: cfg.drill_store(me),
+        socket: cfg.drill_socket(node),
+        record: cfg.drill_record(node),
+        owner: device::owner_tag(name, &format!("{node} drill")),
+        ublk: Path::new(UBLK_CONTROL).exists(),
+    };
+    let r = Loop::new(vol, backing, meta_area, journal_file, shared, ident, ublk).and_then(|l| {
+        l.with_tracking(tracking)
+            .with_drill(drill, cfg.resource.size)
+            .run()
+    });
     stop.store(true, Ordering::Relaxed);
     if let Some(u) = ublk_setup {
         u.finish();

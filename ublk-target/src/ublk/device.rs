@@ -77,7 +77,23 @@ pub fn attach(ctrl: &mut Control, s: &Settings) -> Result<Attached, UblkError> {
         }
         remove_record(&s.record)?;
     }
-    create(ctrl, s)
+    create(ctrl, s, UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE)
+}
+
+/// Create a new device that dies with its server (no user recovery): a drill's clone.
+/// A device left by an earlier server under the same record is removed first.
+pub fn create_ephemeral(ctrl: &mut Control, s: &Settings) -> Result<Attached, UblkError> {
+    if let Some(id) = read_record(&s.record)? {
+        match ctrl.get_dev_info(id) {
+            Ok(info) if info.ublksrv_flags == s.owner => {
+                tracing::info!("ublk: removing {} left by an earlier drill", char_path(id));
+                ctrl.del_dev(id)?;
+            }
+            _ => {}
+        }
+        remove_record(&s.record)?;
+    }
+    create(ctrl, s, 0)
 }
 
 /// The parameters of a new device: 512-byte logical blocks (as the NBD export), 4 KiB
@@ -111,13 +127,13 @@ pub fn params(size: u64, max_io: u32) -> UblkParams {
     }
 }
 
-fn create(ctrl: &mut Control, s: &Settings) -> Result<Attached, UblkError> {
+fn create(ctrl: &mut Control, s: &Settings, flags: u64) -> Result<Attached, UblkError> {
     let mut info = UblksrvCtrlDevInfo {
         nr_hw_queues: s.queues,
         queue_depth: s.depth,
         max_io_buf_bytes: MAX_IO,
         dev_id: u32::MAX,
-        flags: UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE,
+        flags,
         ublksrv_flags: s.owner,
         ..Default::default()
     };
@@ -131,7 +147,7 @@ fn create(ctrl: &mut Control, s: &Settings) -> Result<Attached, UblkError> {
     };
     match finish(ctrl) {
         Ok(cdev) => {
-            if info.flags & UBLK_F_USER_RECOVERY == 0 {
+            if flags & UBLK_F_USER_RECOVERY != 0 && info.flags & UBLK_F_USER_RECOVERY == 0 {
                 tracing::warn!(
                     "the kernel did not grant UBLK_F_USER_RECOVERY: a daemon crash will fail I/O on {}",
                     block_path(id)
