@@ -289,6 +289,9 @@ done
 plan file /etc/mke2fs.conf /etc/mke2fs.conf
 plan file "$HERE/init" /init
 for s in "$HERE"/scenarios/*.sh; do plan file "$s" "/scenarios/$(basename "$s")"; done
+# The operations runbook: scenarios/runbook.sh runs its takeover and failback procedures
+# literally, reading them from /docs/runbook.md at run time.
+plan file "$ROOT/docs/runbook.md" /docs/runbook.md
 plan_modules "$KDIR" "$VER"
 
 # Everything that decides the image's bytes: the plan, its sources' sizes and mtimes, this

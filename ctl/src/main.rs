@@ -673,9 +673,6 @@ fn events(
     use std::io::BufRead;
     let path = cfg.node(node)?.events.clone();
     let show = |e: &EventRecord| {
-        if kind.is_some_and(|k| k != e.kind) {
-            return;
-        }
         if json {
             println!("{}", e.to_line());
         } else {
@@ -736,6 +733,8 @@ fn events(
         }
         n += 1;
         match EventRecord::from_line(line.trim_end()) {
+            // --kind filters before --last counts.
+            Ok(e) if kind.is_some_and(|k| k != e.kind) => {}
             Ok(e) => match first.as_mut() {
                 Some(all) => all.push(e),
                 None => show(&e),

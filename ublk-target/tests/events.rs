@@ -133,4 +133,13 @@ fn the_event_log_records_roles_operators_and_alerts() {
     // The human view.
     let human = p.ok(1, &["events", "--last", "2"]);
     assert_eq!(human.lines().count(), 2, "{human}");
+    // --kind filters before --last counts: the last daemon event, even when later lines
+    // are of other kinds.
+    let out = p.ok(1, &["events", "--json", "--kind", "daemon", "--last", "1"]);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert_eq!(lines[0]["kind"], "daemon");
 }
