@@ -197,6 +197,9 @@ pub struct Loop {
     alerts: std::collections::BTreeMap<&'static str, (u64, String)>,
     /// Since when the link has been down (for the link_down alert).
     link_down_since: Option<Instant>,
+    /// Since when the peer has lacked data (the oldest unacknowledged write, carried over
+    /// when the ship queue overflows into the dirty set, which keeps no write times).
+    unsynced_since: Option<Instant>,
     next_token: u64,
     shared: Shared,
     id: Identity,
@@ -255,6 +258,7 @@ impl Loop {
             asked: HashMap::new(),
             alerts: Default::default(),
             link_down_since: Some(Instant::now()),
+            unsynced_since: None,
             next_token: 1,
             shared,
             id,
@@ -760,6 +764,27 @@ impl Loop {
         let down_for = self
             .link_down_since
             .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        // The RPO: the primary's lag, or, while the peer lacks blocks only a resync brings,
+        // the time since it first lacked anything (the lag reads 0 once the queue has
+        // overflowed into the dirty set).
+        let rpo = if st.role == Role::Primary && (st.lag_seconds > 0.0 || st.out_of_sync_bytes > 0)
+        {
+            let oldest = Instant::now()
+                .checked_sub(std::time::Duration::from_secs_f64(st.lag_seconds))
+                .unwrap_or_else(Instant::now);
+            let since = self.unsynced_since.get_or_insert(oldest);
+            if oldest < *since {
+                *since = oldest;
+            }
+            if st.out_of_sync_bytes > 0 {
+                st.lag_seconds.max(since.elapsed().as_secs_f64())
+            } else {
+                st.lag_seconds
+            }
+        } else {
+            self.unsynced_since = None;
+            0.0
+        };
         let journal_pct = st
             .journal
             .as_ref()
@@ -777,12 +802,21 @@ impl Loop {
             ),
             (
                 "rpo",
-                a.rpo_seconds > 0.0 && st.role == Role::Primary && st.lag_seconds >= a.rpo_seconds,
+                a.rpo_seconds > 0.0 && st.role == Role::Primary && rpo >= a.rpo_seconds,
                 "warning",
-                format!(
-                    "RPO {:.1} s: the oldest write {} lacks is older than {} s",
-                    st.lag_seconds, self.id.peer, a.rpo_seconds
-                ),
+                if st.out_of_sync_bytes > 0 {
+                    format!(
+                        "RPO {rpo:.1} s: {} lacks {} KiB that only a resync brings, for {rpo:.0} s (alert at {} s)",
+                        self.id.peer,
+                        st.out_of_sync_bytes >> 10,
+                        a.rpo_seconds
+                    )
+                } else {
+                    format!(
+                        "RPO {rpo:.1} s: the oldest write {} lacks is older than {} s",
+                        self.id.peer, a.rpo_seconds
+                    )
+                },
             ),
             (
                 "journal_fill",

@@ -143,3 +143,45 @@ fn the_event_log_records_roles_operators_and_alerts() {
     assert_eq!(lines.len(), 1, "{out}");
     assert_eq!(lines[0]["kind"], "daemon");
 }
+
+/// The rpo alert stays raised when the ship queue overflows into the dirty set (the lag
+/// then reads 0, but the peer still lacks data), and clears once the resync has brought it.
+#[test]
+fn the_rpo_alert_survives_a_queue_overflow() {
+    if !require_qemu() {
+        return;
+    }
+    let p = Pair::new("rpo-alert", "async", 16 << 20);
+    p.resource_line("queue_limit = \"1M\"");
+    let mut text = std::fs::read_to_string(&p.config).unwrap();
+    text += "\n[alerts]\nrpo_seconds = 1\nlink_down_seconds = 0\n";
+    std::fs::write(&p.config, text).unwrap();
+    p.start(0);
+    p.ok(1, &["down"]);
+    p.qemu_io_ok(0, &["write -P 0x33 0 4M"]);
+    let s = p.wait_for(0, "the queue overflowed", |s| {
+        s["engine"]["out_of_sync_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    assert_eq!(s["engine"]["lag_items"], 0, "{s:#}");
+    let raised = wait_event(&p, 0, "alert", "raised rpo");
+    assert!(
+        raised["message"]
+            .as_str()
+            .unwrap()
+            .contains("only a resync brings"),
+        "{raised}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = p.status(0);
+    assert!(
+        s["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["name"] == "rpo"),
+        "the rpo alert cleared while the peer still lacks data: {s:#}"
+    );
+    p.ok(1, &["up"]);
+    p.wait_in_sync(0);
+    wait_event(&p, 0, "alert", "cleared rpo");
+}
