@@ -374,6 +374,18 @@ fn keygen(out: &Path, force: bool, json: bool) -> Result<u8, Fail> {
     Ok(0)
 }
 
+/// `BLKREP_NODE=...` from `RESOURCE.env` beside the configuration (the file the systemd
+/// unit reads), so that `blkrep` and the unit agree on the node without `--node`.
+fn node_from_env_file(config: &Path, resource: &str) -> Option<String> {
+    let env = config.parent()?.join(format!("{resource}.env"));
+    let text = std::fs::read_to_string(env).ok()?;
+    text.lines().find_map(|l| {
+        let v = l.trim().strip_prefix("BLKREP_NODE=")?;
+        let v = v.trim().trim_matches(|c| c == '"' || c == '\'');
+        (!v.is_empty()).then(|| v.to_string())
+    })
+}
+
 fn load(cli: &Cli) -> Result<(Config, String), Fail> {
     let path = match (&cli.config, cli.verb.resource()) {
         (Some(p), _) => p.clone(),
@@ -399,6 +411,7 @@ fn load(cli: &Cli) -> Result<(Config, String), Fail> {
         .node
         .clone()
         .or_else(|| std::env::var("BLKREP_NODE").ok())
+        .or_else(|| node_from_env_file(&path, &cfg.resource.name))
     {
         Some(n) => n,
         None => {

@@ -346,8 +346,13 @@ impl Volume {
                 )
             } else {
                 format!(
-                    "full sync from the peer started ({total} bytes); this replica is \
-                     Inconsistent until it ends"
+                    "{} from the peer started ({total} bytes); this replica is \
+                     Inconsistent until it ends",
+                    if total >= self.cfg.volume_size {
+                        "full sync"
+                    } else {
+                        "resync of the changed blocks"
+                    }
                 )
             },
         );

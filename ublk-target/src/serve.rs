@@ -81,7 +81,7 @@ fn run_with(cfg: &Config, node: &str, events: crate::events::EventLog) -> anyhow
         "daemon",
         "info",
         format!(
-            "started (blkrepd {}, pid {}): {:?}, {:?}, generation {:016x}, applied sequence {}",
+            "started (blkrepd {}, pid {}) as secondary; its metadata says {:?}, {:?}, generation {:016x}, applied sequence {}",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
             meta.role,

@@ -61,3 +61,29 @@ fn the_systemd_unit_verifies() {
         "{help}"
     );
 }
+
+/// Without --node and BLKREP_NODE, `blkrep` takes the node from `RESOURCE.env` beside the
+/// configuration, the file the unit reads, so both agree on it.
+#[test]
+fn blkrep_reads_the_node_from_the_env_file_beside_the_config() {
+    let p = Pair::new("envfile", "async", 1 << 20);
+    let run = || {
+        Command::new(bin_dir().join("blkrep"))
+            .arg("--config")
+            .arg(&p.config)
+            .arg("status")
+            .env_remove("BLKREP_NODE")
+            .output()
+            .unwrap()
+    };
+    // The host name is neither node: refused, naming the nodes.
+    let out = run();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("which node is this?"));
+    std::fs::write(p.dir.path().join("r0.env"), "# blkrep\nBLKREP_NODE=beta\n").unwrap();
+    let out = run();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("r0/beta: not running"), "{text}");
+}
