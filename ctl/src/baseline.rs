@@ -5,6 +5,7 @@
 //! Baselines are JSON files in `EVENTS.baselines/` beside the node's event log, each
 //! versioned and checksummed like every other file blkrep writes.
 
+use crate::sealed::Sealed;
 use crate::{human, md};
 use anyhow::{bail, Context};
 use blkrep_common::config::Config;
@@ -53,16 +54,11 @@ pub struct Content {
     pub extents: Vec<String>,
 }
 
-fn checksum(b: &Baseline) -> String {
-    let mut bare = b.clone();
-    bare.sum = None;
-    blake3::hash(
-        serde_json::to_string(&bare)
-            .expect("serializable")
-            .as_bytes(),
-    )
-    .to_hex()[..16]
-        .to_string()
+impl Sealed for Baseline {
+    const DIGITS: usize = 16;
+    fn sum_mut(&mut self) -> &mut Option<String> {
+        &mut self.sum
+    }
 }
 
 /// Where `node`'s baselines live.
@@ -171,7 +167,7 @@ pub fn take(
         content: content(cfg, node, extent, progress)?,
         sum: None,
     };
-    b.sum = Some(checksum(&b));
+    b.seal();
     Ok(b)
 }
 
@@ -228,7 +224,7 @@ pub fn load(cfg: &Config, node: &str, name: Option<&str>) -> anyhow::Result<Base
             b.v
         );
     }
-    if b.sum.as_deref() != Some(checksum(&b).as_str()) {
+    if !b.intact() {
         bail!(
             "baseline {}: checksum mismatch (damaged or edited)",
             path.display()

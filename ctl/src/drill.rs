@@ -18,6 +18,7 @@
 //! would take the same way: the cut and clone (as a promotion), the mount, the probe.
 
 use crate::check::{link_identity, peer_tls};
+use crate::sealed::Sealed;
 use anyhow::{bail, Context};
 use blkrep_common::config::{Config, DRILL_CHECKS};
 use blkrep_common::control::{self, CallError, DrillStarted, DrillStopped, Request};
@@ -99,12 +100,10 @@ pub struct Report {
     pub sum: Option<String>,
 }
 
-fn checksum(r: &Report) -> String {
-    let mut bare = r.clone();
-    bare.sum = None;
-    blake3::hash(serde_json::to_string(&bare).unwrap_or_default().as_bytes())
-        .to_hex()
-        .to_string()
+impl Sealed for Report {
+    fn sum_mut(&mut self) -> &mut Option<String> {
+        &mut self.sum
+    }
 }
 
 /// What the operator asked for.
@@ -117,13 +116,12 @@ pub struct Opts {
     pub json: bool,
 }
 
-struct Run<'a> {
+struct Run {
     steps: Vec<Step>,
     quiet: bool,
-    _cfg: &'a Config,
 }
 
-impl Run<'_> {
+impl Run {
     fn record(&mut self, step: &str, t: Instant, at: u64, result: Outcome, detail: String) {
         let s = Step {
             step: step.into(),
@@ -188,7 +186,6 @@ pub fn run(cfg: &Config, node: &str, opts: &Opts) -> anyhow::Result<u8> {
     let mut run = Run {
         steps: Vec::new(),
         quiet: opts.json,
-        _cfg: cfg,
     };
     if !opts.json {
         println!(
@@ -523,7 +520,7 @@ fn finish(
         steps: run.steps,
         sum: None,
     };
-    report.sum = Some(checksum(&report));
+    report.seal();
     let dir = cfg.drill_reports(me);
     let written = save(&dir, &report);
     if opts.json {
@@ -866,7 +863,7 @@ pub fn history(cfg: &Config, node: &str, json: bool) -> anyhow::Result<u8> {
                             "report version {} (this blkrep reads {VERSION})",
                             r.v
                         ))
-                    } else if r.sum.as_deref() != Some(checksum(&r).as_str()) {
+                    } else if !r.intact() {
                         Err("checksum mismatch: the report was altered or damaged".into())
                     } else {
                         Ok(r)

@@ -10,6 +10,7 @@ mod check;
 mod drill;
 mod human;
 mod md;
+mod sealed;
 
 use anyhow::{bail, Context};
 use blkrep_common::config::{Config, DEFAULT_CONFIG_DIR};

@@ -11,12 +11,7 @@ source "$(dirname "$0")/lib.sh"
 
 step "ublk, two sites, a pair with frontend = \"ublk\""
 need_ublk
-setup_sites
-make_backings 64M
-FRONTEND=ublk MODE=sync SIZE=64M write_config
-pair_up
-promote siteA
-wait_in_sync siteA 180
+ublk_pair 64M sync
 dev=$(wait_device siteA)
 devnum=$(stat -c '%t:%T' "$dev")
 log "siteA serves $dev ($devnum)"

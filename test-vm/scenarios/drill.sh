@@ -14,12 +14,7 @@ source "$(dirname "$0")/lib.sh"
 
 step "ublk, two sites, a pair with frontend = \"ublk\""
 need_ublk
-setup_sites
-make_backings 128M
-FRONTEND=ublk MODE=async SIZE=128M write_config
-pair_up
-promote siteA
-wait_in_sync siteA 180
+ublk_pair 128M async
 dev_a=$(wait_device siteA)
 
 step "ext4 and a file tree on siteA ($dev_a)"

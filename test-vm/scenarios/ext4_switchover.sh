@@ -13,12 +13,7 @@ FIO_JOB=(--name=ext4verify --filename=fio.dat --size=16M --rw=randwrite --bs=4k
 
 step "ublk, two sites, a pair with frontend = \"ublk\""
 need_ublk
-setup_sites
-make_backings 64M
-FRONTEND=ublk MODE=sync SIZE=64M write_config
-pair_up
-promote siteA
-wait_in_sync siteA 180
+ublk_pair 64M sync
 dev_a=$(wait_device siteA)
 log "siteA serves $dev_a"
 

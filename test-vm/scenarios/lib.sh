@@ -255,6 +255,17 @@ pair_up() {
   done
 }
 
+# A ublk pair, siteA primary and in sync with siteB: the sites, loop backings of SIZE, the
+# config in MODE, both daemons up. `wait_device siteA` then names siteA's device.
+ublk_pair() { # size mode
+  setup_sites
+  make_backings "$1"
+  FRONTEND=ublk MODE=$2 SIZE=$1 write_config
+  pair_up
+  promote siteA
+  wait_in_sync siteA 180
+}
+
 status_json() { blk "$1" status --json 2>/dev/null || true; }
 # One field of a node's status, e.g. `field siteA .engine.role`.
 field() { status_json "$1" | jq -r "$2"; }

@@ -156,12 +156,7 @@ need_ublk
 # before the demote. A shared root makes the copies slaves, so the unmount reaches them (two
 # sites in one kernel only; on real nodes the daemon never sees the other site's mounts).
 mount --make-rshared /
-setup_sites
-make_backings 128M
-FRONTEND=ublk MODE=async SIZE=128M write_config
-pair_up
-promote siteA
-wait_in_sync siteA 180
+ublk_pair 128M async
 dev_a=$(wait_device siteA)
 
 step "ext4 and files on siteA ($dev_a): the data before the site loss"

@@ -221,7 +221,6 @@ pub struct Loop {
     /// Writes, zeroings and discards of the backing in the ring (a drill's cut waits for
     /// none to be).
     backing_writes: usize,
-    vol_size: u64,
 }
 
 impl Loop {
@@ -274,14 +273,12 @@ impl Loop {
             drill_setup: None,
             drill: None,
             backing_writes: 0,
-            vol_size: 0,
         })
     }
 
-    /// Allow drills, with the clone's files at `setup`, on a volume of `size` bytes.
-    pub fn with_drill(mut self, setup: DrillSetup, size: u64) -> Loop {
+    /// Allow drills, with the clone's files at `setup`.
+    pub fn with_drill(mut self, setup: DrillSetup) -> Loop {
         self.drill_setup = Some(setup);
-        self.vol_size = size;
         self
     }
 

@@ -261,11 +261,8 @@ fn run_with(cfg: &Config, node: &str, events: crate::events::EventLog) -> anyhow
         owner: device::owner_tag(name, &format!("{node} drill")),
         ublk: Path::new(UBLK_CONTROL).exists(),
     };
-    let r = Loop::new(vol, backing, meta_area, journal_file, shared, ident, ublk).and_then(|l| {
-        l.with_tracking(tracking)
-            .with_drill(drill, cfg.resource.size)
-            .run()
-    });
+    let r = Loop::new(vol, backing, meta_area, journal_file, shared, ident, ublk)
+        .and_then(|l| l.with_tracking(tracking).with_drill(drill).run());
     stop.store(true, Ordering::Relaxed);
     if let Some(u) = ublk_setup {
         u.finish();

@@ -203,7 +203,7 @@ impl Loop {
             ._backing
             .file
             .try_clone()
-            .and_then(|f| Cow::create(f, self.vol_size, &setup.store));
+            .and_then(|f| Cow::create(f, self.vol.volume_size(), &setup.store));
         let cow = match cow {
             Ok(c) => Arc::new(c),
             Err(e) => {
@@ -232,7 +232,7 @@ impl Loop {
             device: None,
             device_error: None,
             nbd: crate::drill::nbd::uri(&setup.socket),
-            size: self.vol_size,
+            size: self.vol.volume_size(),
             cut_applied_seq: st.applied_seq,
             cut_received_seq: st.last_seq,
             generation: st.generation,
