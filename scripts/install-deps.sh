@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install what blkrep's build, tests and demo need on Debian 12 (idempotent; root).
 #   --vm   also what the VM scenarios (test-vm/) need: qemu, a static busybox, cpio, xz,
-#          e2fsprogs, iproute2, jq, binutils. Outside CI a failure to install these is only
-#          reported (test-vm/run.sh then skips with the reason); with CI=true it is an error.
+#          e2fsprogs, iproute2, jq, binutils, dmsetup. Outside CI a failure to install these is
+#          only reported (test-vm/run.sh then skips with the reason); with CI=true it is an error.
 #          And drbd-utils (DRBD 8.4's drbdsetup-84 for the VM benchmark, test-vm/bench.sh),
 #          without its recommended mail tools; a failure there is only reported.
 set -euo pipefail
@@ -40,6 +40,8 @@ if [ "$vm" = 1 ]; then
   command -v tc     >/dev/null || vm_need+=(iproute2)
   command -v jq     >/dev/null || vm_need+=(jq)
   command -v strip  >/dev/null || vm_need+=(binutils)
+  # The legs scenario fails a local leg live with device-mapper tables (dm-error).
+  command -v dmsetup >/dev/null || vm_need+=(dmsetup)
 fi
 
 apt_install() { # packages...

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build what the VM scenarios boot: Debian's 6.12 kernel (downloaded once, cached) and an
-# initramfs holding busybox, bash, the test tools (fio, mkfs.ext4, e2fsck, ip, tc, jq) with
-# their shared libraries, blkrep's release binaries, a subset of kernel modules and the
-# scenario scripts. Idempotent: when no input changed it only says so.
+# initramfs holding busybox, bash, the test tools (fio, mkfs.ext4, e2fsck, ip, tc, jq,
+# dmsetup) with their shared libraries, blkrep's release binaries, a subset of kernel modules
+# and the scenario scripts. Idempotent: when no input changed it only says so.
 #
 # Usage: bash test-vm/build.sh [--no-cargo]
 #   --no-cargo          do not run `cargo build --release`; use the binaries already there
@@ -24,10 +24,12 @@ EXIT_CANNOT=77
 
 # Modules copied into the guest, with everything modules.dep says they need. The init loads
 # BASE_MODULES at boot; scenarios load the others themselves (bad_setup needs ublk_drv absent).
+# device-mapper (dm_mod has the linear and error targets; dm_flakey, dm_delay) gives the
+# legs scenario local devices that fail or hang on command.
 BASE_MODULES="loop veth sch_netem crc32c_generic ext4"
-EXTRA_MODULES="ublk_drv nbd drbd"
+EXTRA_MODULES="ublk_drv nbd drbd dm_mod dm_flakey dm_delay"
 # Host programs copied into the guest (with the libraries ldd lists).
-TOOLS="bash fio jq ip tc mke2fs e2fsck"
+TOOLS="bash fio jq ip tc mke2fs e2fsck dmsetup"
 # DRBD 8.4's user-space tools from Debian's drbd-utils, for the benchmark scenario (bench.sh
 # compares blkrep with the kernel's drbd module). Optional: without drbd-utils on the host the
 # image is built without them and only the DRBD contenders of the benchmark cannot run. In
@@ -53,7 +55,7 @@ check_host() {
   local missing=() c pkg
   for c in cpio:cpio xz:xz-utils dpkg-deb:dpkg apt-get:apt apt-cache:apt ldd:libc-bin \
            strip:binutils bash:bash fio:fio jq:jq ip:iproute2 tc:iproute2 mke2fs:e2fsprogs \
-           e2fsck:e2fsprogs; do
+           e2fsck:e2fsprogs dmsetup:dmsetup; do
     pkg=${c#*:}; c=${c%%:*}
     command -v "$c" >/dev/null || missing+=("$c (package $pkg)")
   done

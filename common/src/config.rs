@@ -31,6 +31,11 @@
 //! ebpf = "auto"                    # block-device latency by eBPF: auto (default), require, off
 //! journal = "/var/lib/blkrep/r0.journal" # optional: the primary's persistent write journal
 //! journal_size = "1G"              # its size (default 256M, at least 8M)
+//! mirror = "/dev/vg1/r0"           # optional second local leg (writes go to both)
+//! read_policy = "balanced"         # reads: "balanced", "first" or "second" leg
+//! leg_timeout = 5.0                # seconds before a hung leg request fails the leg
+//! rebuild_rate = "200M"            # leg rebuild bandwidth, bytes/s (default: none)
+//! on_io_error = "fail"             # no healthy leg left: fail the volume cleanly
 //!
 //! [[node]]
 //! name = "beta"
@@ -320,6 +325,11 @@ struct RawNode {
     journal_size: Option<Size>,
     ebpf: Option<String>,
     events: Option<PathBuf>,
+    mirror: Option<PathBuf>,
+    read_policy: Option<String>,
+    leg_timeout: Option<f64>,
+    rebuild_rate: Option<Size>,
+    on_io_error: Option<String>,
 }
 
 /// The resource section, validated.
@@ -393,6 +403,56 @@ pub struct NodeConfig {
     /// The node's event log (default: beside the metadata, `METADATA.events`, or
     /// `/var/lib/blkrep/RESOURCE-NODE.events` when the metadata is a device).
     pub events: PathBuf,
+    /// The local legs: the second one (`mirror`) and how both are used.
+    pub legs: Legs,
+}
+
+/// Local high availability: a second leg beside the backing, and how the two are used.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Legs {
+    /// The second leg (file or block device), if any; `backing` is the first.
+    pub mirror: Option<PathBuf>,
+    /// Which leg serves reads.
+    pub read_policy: ReadPolicy,
+    /// A leg request not answered in this many seconds fails the leg.
+    pub timeout: f64,
+    /// Rebuild bandwidth limit, bytes per second; 0 for none.
+    pub rebuild_rate: u64,
+    /// What happens when no healthy leg is left.
+    pub on_io_error: OnIoError,
+}
+
+/// Default `leg_timeout`, seconds.
+pub const DEFAULT_LEG_TIMEOUT: f64 = 5.0;
+
+impl Default for Legs {
+    fn default() -> Legs {
+        Legs {
+            mirror: None,
+            read_policy: ReadPolicy::Balanced,
+            timeout: DEFAULT_LEG_TIMEOUT,
+            rebuild_rate: 0,
+            on_io_error: OnIoError::Fail,
+        }
+    }
+}
+
+/// Which healthy leg serves a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPolicy {
+    /// Alternate by 1 MiB stripe of the offset (both legs busy, sequential runs stay on one).
+    Balanced,
+    /// The first leg (the backing) while it is healthy.
+    First,
+    /// The second leg (the mirror) while it is healthy.
+    Second,
+}
+
+/// What a primary does when no healthy local leg is left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnIoError {
+    /// Fail the volume: clients get I/O errors, nothing more is written or shipped.
+    Fail,
 }
 
 /// Whether the daemon traces its block devices with eBPF (`[[node]] ebpf = ...`).
@@ -722,6 +782,19 @@ impl Config {
                 }
                 None => PathBuf::from(format!("{}.events", n.metadata.display())),
             };
+            let legs = parse_legs(
+                n.mirror,
+                n.read_policy,
+                n.leg_timeout,
+                n.rebuild_rate,
+                n.on_io_error,
+                [
+                    Some(&n.backing),
+                    Some(&n.metadata),
+                    journal.as_ref().map(|j| &j.0),
+                ],
+            )
+            .map_err(|(field, p)| invalid(f(field), p))?;
             nodes.push(NodeConfig {
                 name: n.name,
                 address: n.address,
@@ -735,6 +808,7 @@ impl Config {
                 journal,
                 ebpf,
                 events,
+                legs,
             });
         }
         if nodes[0].name == nodes[1].name {
@@ -830,6 +904,12 @@ impl Config {
         self.run_file(node, "ublk")
     }
 
+    /// The leg state file of `node` (leg health and what each leg lacks), beside the
+    /// event log: `METADATA.legs`.
+    pub fn legs_state(&self, node: &NodeConfig) -> PathBuf {
+        node.events.with_extension("legs")
+    }
+
     /// The drill clone's copy-on-write store file of `node`.
     pub fn drill_store(&self, node: &NodeConfig) -> PathBuf {
         match &self.drill.store {
@@ -919,6 +999,80 @@ fn ublk_shape(
         ));
     }
     Ok(UblkShape { queues, depth })
+}
+
+/// Validate the leg settings of a node (`others`: the node's other files, which the
+/// mirror must not be).
+fn parse_legs(
+    mirror: Option<PathBuf>,
+    read_policy: Option<String>,
+    timeout: Option<f64>,
+    rebuild_rate: Option<Size>,
+    on_io_error: Option<String>,
+    others: [Option<&PathBuf>; 3],
+) -> Result<Legs, (&'static str, String)> {
+    let mut legs = Legs::default();
+    if let Some(m) = mirror {
+        if m.as_os_str().is_empty() {
+            return Err(("mirror", "must not be empty".into()));
+        }
+        if others.iter().flatten().any(|o| **o == m) {
+            return Err((
+                "mirror",
+                format!(
+                    "{} is already the backing, the metadata or the journal: the second leg \
+                     must be a file or device of its own",
+                    m.display()
+                ),
+            ));
+        }
+        legs.mirror = Some(m);
+    }
+    legs.read_policy = match read_policy.as_deref() {
+        None | Some("balanced") => ReadPolicy::Balanced,
+        Some("first") => ReadPolicy::First,
+        Some("second") => ReadPolicy::Second,
+        Some(other) => {
+            return Err((
+                "read_policy",
+                format!("{other:?} is not one of \"balanced\", \"first\", \"second\""),
+            ))
+        }
+    };
+    if legs.mirror.is_none() && legs.read_policy == ReadPolicy::Second {
+        return Err((
+            "read_policy",
+            "\"second\" needs a second leg (node.mirror)".into(),
+        ));
+    }
+    if let Some(t) = timeout {
+        if !(t.is_finite() && (0.05..=3600.0).contains(&t)) {
+            return Err((
+                "leg_timeout",
+                format!("{t} is out of range (0.05 to 3600 seconds)"),
+            ));
+        }
+        legs.timeout = t;
+    }
+    legs.rebuild_rate = rebuild_rate.map_or(0, |s| s.0);
+    legs.on_io_error = match on_io_error.as_deref() {
+        None | Some("fail") => OnIoError::Fail,
+        Some("diskless") => {
+            return Err((
+                "on_io_error",
+                "\"diskless\" (serving through the peer) is not implemented yet; use \
+                 \"fail\""
+                    .into(),
+            ))
+        }
+        Some(other) => {
+            return Err((
+                "on_io_error",
+                format!("{other:?} is not a policy (use \"fail\")"),
+            ))
+        }
+    };
+    Ok(legs)
 }
 
 fn check_name(s: &str) -> Result<(), String> {
@@ -1074,6 +1228,78 @@ fingerprint = "sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd
         assert!(parse(&with("lz4")).unwrap().resource.compress);
         assert!(!parse(&with("none")).unwrap().resource.compress);
         assert!(!parse(GOOD).unwrap().resource.compress);
+    }
+
+    #[test]
+    fn leg_settings() {
+        let with = |lines: &str| {
+            GOOD.replace(
+                "backing = \"/tmp/a.img\"\n",
+                &format!("backing = \"/tmp/a.img\"\n{lines}\n"),
+            )
+        };
+        let c = parse(&with(
+            "mirror = \"/tmp/a2.img\"\nread_policy = \"second\"\nleg_timeout = 2.5\nrebuild_rate = \"100M\"",
+        ))
+        .unwrap();
+        let l = &c.node("alpha").unwrap().legs;
+        assert_eq!(l.mirror.as_deref(), Some(Path::new("/tmp/a2.img")));
+        assert_eq!(l.read_policy, ReadPolicy::Second);
+        assert_eq!(l.timeout, 2.5);
+        assert_eq!(l.rebuild_rate, 100 << 20);
+        assert_eq!(l.on_io_error, OnIoError::Fail);
+        assert_eq!(c.node("beta").unwrap().legs, Legs::default());
+        assert_eq!(
+            c.legs_state(c.node("alpha").unwrap()),
+            Path::new("/tmp/a.md.legs")
+        );
+        for (lines, field, says) in [
+            (
+                "mirror = \"/tmp/a.img\"",
+                "node[0].mirror",
+                "already the backing",
+            ),
+            (
+                "mirror = \"/tmp/a.md\"",
+                "node[0].mirror",
+                "already the backing",
+            ),
+            ("mirror = \"\"", "node[0].mirror", "empty"),
+            (
+                "read_policy = \"fastest\"",
+                "node[0].read_policy",
+                "balanced",
+            ),
+            (
+                "read_policy = \"second\"",
+                "node[0].read_policy",
+                "second leg",
+            ),
+            (
+                "mirror = \"/m\"\nleg_timeout = 0.0",
+                "node[0].leg_timeout",
+                "out of range",
+            ),
+            (
+                "mirror = \"/m\"\nleg_timeout = -1.0",
+                "node[0].leg_timeout",
+                "out of range",
+            ),
+            (
+                "on_io_error = \"diskless\"",
+                "node[0].on_io_error",
+                "not implemented",
+            ),
+            (
+                "on_io_error = \"ignore\"",
+                "node[0].on_io_error",
+                "not a policy",
+            ),
+            ("rebuild_rate = \"fast\"", "rebuild_rate", "not a size"),
+        ] {
+            let e = err(&with(lines));
+            assert!(e.contains(field) && e.contains(says), "{lines}: {e}");
+        }
     }
 
     #[test]

@@ -54,8 +54,78 @@ pub enum Request {
         #[serde(default)]
         outcome: Option<String>,
     },
+    /// Operate on a local leg: `action` is `attach` (rebuild what it missed; `full`: all
+    /// of it), `detach`, or `replace` (a new device at `path`, rebuilt in full).
+    Leg {
+        action: LegAction,
+        leg: u8,
+        #[serde(default)]
+        path: Option<String>,
+        #[serde(default)]
+        full: bool,
+    },
+    /// Testing only (the daemon must run with `BLKREP_FAULT_INJECTION=1`): make leg `leg`
+    /// fail (`mode` `error`) or hang (`hang`) the `ops` (`read`, `write`, `flush`) that touch
+    /// `[offset, offset + len)`; `clear` removes the leg's faults (hung requests go on).
+    LegFault {
+        leg: u8,
+        mode: String,
+        #[serde(default)]
+        ops: Vec<String>,
+        #[serde(default)]
+        offset: u64,
+        #[serde(default)]
+        len: u64,
+    },
     /// Stop cleanly.
     Shutdown,
+}
+
+/// What `blkrep leg` does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LegAction {
+    Attach,
+    Detach,
+    Replace,
+}
+
+/// One local leg (in `status`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LegStatus {
+    /// 0: the backing, 1: the mirror.
+    pub index: u8,
+    /// Its file or device.
+    pub path: String,
+    /// `healthy`, `failed`, `detached` or `rebuilding`.
+    pub state: String,
+    /// Why it is not healthy.
+    pub reason: String,
+    /// When the state last changed (RFC 3339 UTC).
+    pub since: String,
+    /// Bytes the leg lacks (written while it was out; copied by its rebuild).
+    pub lacks_bytes: u64,
+    /// Its requests in the kernel.
+    pub inflight: u64,
+    /// The rebuild under way into this leg.
+    pub rebuild: Option<RebuildStatus>,
+    /// The last rebuild of this leg that completed, since the daemon started.
+    #[serde(default)]
+    pub last_rebuild: Option<RebuildStatus>,
+}
+
+/// A leg rebuild under way.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RebuildStatus {
+    /// The leg read from.
+    pub source: u8,
+    /// Bytes copied so far, and in all (grows while writes land in what is lacking).
+    pub copied_bytes: u64,
+    pub total_bytes: u64,
+    /// Seconds since it started (or resumed).
+    pub seconds: f64,
+    /// A full rebuild (a new device).
+    pub full: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -68,7 +138,7 @@ struct RequestEnvelope {
 /// An alert that is raised.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ActiveAlert {
-    /// `link_down`, `rpo`, `journal_fill`, `disk_failed` or `split_brain`.
+    /// `link_down`, `rpo`, `journal_fill`, `disk_failed`, `degraded_leg` or `split_brain`.
     pub name: String,
     /// When it was raised (RFC 3339 UTC).
     pub since: String,
@@ -76,11 +146,12 @@ pub struct ActiveAlert {
 }
 
 /// The names of every alert (each is a `blkrep_alert{alert="..."}` metric, 0 or 1).
-pub const ALERT_NAMES: [&str; 5] = [
+pub const ALERT_NAMES: [&str; 6] = [
     "link_down",
     "rpo",
     "journal_fill",
     "disk_failed",
+    "degraded_leg",
     "split_brain",
 ];
 
@@ -166,6 +237,12 @@ pub struct DaemonStatus {
     /// The drill under way on this node, if one is.
     #[serde(default)]
     pub drill: Option<DrillStatus>,
+    /// Local storage: `healthy`, `degraded` (a leg is out) or `failed` (none left).
+    #[serde(default)]
+    pub local: String,
+    /// The local legs (one, or two with a mirror).
+    #[serde(default)]
+    pub legs: Vec<LegStatus>,
 }
 
 /// A drill under way (in `status`).

@@ -5,21 +5,7 @@ use blkrep_engine::meta::Metadata;
 use blkrep_engine::ConnState;
 use std::fmt::Write;
 
-/// `1.5 MiB` style sizes.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use blkrep_common::human_bytes as bytes;
 
 fn word<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v)
@@ -93,6 +79,34 @@ pub fn status(s: &DaemonStatus) -> String {
                 .map(|b| format!("; BROKEN: {b}"))
                 .unwrap_or_default()
         );
+    }
+    if s.legs.len() > 1 || s.local == "failed" {
+        let _ = writeln!(
+            o,
+            "  local: {}",
+            match s.local.as_str() {
+                "healthy" => "healthy (2 legs)".to_string(),
+                "degraded" => "DEGRADED: running without its redundancy".to_string(),
+                other => other.to_uppercase(),
+            }
+        );
+        for l in &s.legs {
+            let mut line = format!("    leg {} {}: {}", l.index, l.path, l.state);
+            if !l.reason.is_empty() && l.state != "healthy" {
+                line += &format!(" ({}, since {})", l.reason, l.since);
+            }
+            if let Some(r) = &l.rebuild {
+                line += &format!(
+                    ", {} of {} copied from leg {}",
+                    bytes(r.copied_bytes),
+                    bytes(r.total_bytes),
+                    r.source
+                );
+            } else if l.lacks_bytes > 0 {
+                line += &format!(", lacks {}", bytes(l.lacks_bytes));
+            }
+            let _ = writeln!(o, "{line}");
+        }
     }
     if let Some(pg) = e.peer_generation {
         let rel = e

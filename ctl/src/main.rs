@@ -9,6 +9,7 @@ mod baseline;
 mod check;
 mod drill;
 mod human;
+mod leg;
 mod md;
 mod sealed;
 
@@ -209,6 +210,12 @@ enum Verb {
         #[arg(long)]
         json: bool,
     },
+    /// Local legs (node.backing and node.mirror): detach, attach (rebuild what it
+    /// missed), replace (a new device, rebuilt in full).
+    Leg {
+        #[command(subcommand)]
+        action: leg::LegCmd,
+    },
     /// Failback: show what the next connection moves (direction, method, bytes).
     Failback {
         resource: Option<String>,
@@ -277,6 +284,7 @@ impl Verb {
                 | BaselineAction::Diff { resource, .. }
                 | BaselineAction::List { resource, .. } => resource.as_deref(),
             },
+            Verb::Leg { action } => action.resource(),
             Verb::Keygen { .. } => None,
         }
     }
@@ -569,6 +577,7 @@ fn run(cli: Cli) -> Result<u8, Fail> {
                 },
             )?
         }),
+        Verb::Leg { action } => leg::run(&cfg, &node, action),
         Verb::Failback { json, .. } => {
             let v = call(&cfg, &node, &Request::Plan)?;
             if json {

@@ -325,3 +325,52 @@ assert_replica_equal() {
 
 # ublk devices currently present.
 ublk_devices() { find /dev -maxdepth 1 -name 'ublkb*' | sort | tr '\n' ' '; }
+
+# ---- local legs and device-mapper ---------------------------------------------------------
+
+# A node's backing is DEV from now on (e.g. a device-mapper device over its loop device):
+# write_config, assert_replica_equal and `backing` use it.
+use_backing() { # node dev
+  echo "$2" >"$WORK/$1.loop"
+}
+
+# More lines for one node's [[node]] section of the written config (write_config's
+# NODE_EXTRA goes to every node), e.g. `node_config siteA 'mirror = "/dev/mapper/leg1"'`.
+node_config() { # node line...
+  local node=$1; shift
+  awk -v node="$node" -v extra="$(printf '%s\n' "$@")" '
+    { print }
+    prev == "[[node]]" && $0 == "name = \"" node "\"" { print extra; found = 1 }
+    { prev = $0 }
+    END { exit !found }' "$CFG" >"$CFG.tmp" || fail "node_config: no [[node]] named $node in $CFG"
+  mv "$CFG.tmp" "$CFG"
+}
+
+# dmsetup without udev (the guest runs none): libdevmapper makes the /dev/mapper nodes itself.
+dm() { DM_DISABLE_UDEV=1 dmsetup "$@"; }
+dm_sectors() { blockdev --getsz "$1"; }   # a block device's size in 512-byte sectors
+# A device-mapper device NAME mapping all of DEV linearly: /dev/mapper/NAME.
+dm_linear() { # name dev
+  dm create "$1" --table "0 $(dm_sectors "$2") linear $2 0"
+  [ -b "/dev/mapper/$1" ] || fail "dmsetup create $1 made no /dev/mapper/$1"
+}
+# Swap a live device's table: suspend (in-flight I/O completes, new I/O waits), load, resume.
+# E.g. `dm_table leg1 "0 $n error"` makes every request to it fail from now on.
+dm_table() { # name table
+  dm suspend "$1"
+  dm reload "$1" --table "$2"
+  dm resume "$1"
+  log "dm: $1 is now \"$2\""
+}
+
+# One local leg's status field, e.g. `leg siteA 1 .state`.
+leg() { # node index jq
+  field "$1" ".legs[$2]$3"
+}
+leg_is() { # node index state
+  [ "$(leg "$1" "$2" .state)" = "$3" ]
+}
+wait_leg() { # node index state [timeout]
+  wait_until "${4:-60}" "leg $2 of $1 $3" leg_is "$1" "$2" "$3"
+  log "leg $2 of $1: $3 ($(field "$1" ".legs[$2] | {lacks_bytes, reason, inflight}" | jq -c .))"
+}

@@ -12,12 +12,13 @@
 //! commands live in the same ring (`ublk_io.rs`).
 
 mod drill_io;
+mod legs_io;
 mod nbd_io;
 mod ublk_io;
 pub use drill_io::DrillSetup;
 pub use ublk_io::UblkFrontend;
 
-use crate::backend::{Backing, DiskIo, MetaArea, Step};
+use crate::backend::{DiskIo, MetaArea, Step};
 use crate::control::ControlCall;
 use crate::link::LinkConn;
 use crate::nbd::handshake::ExportInfo;
@@ -112,6 +113,13 @@ enum Op {
         gen: u64,
         _iov: Box<Iov>,
     },
+    /// A request on a local leg (`inject`: the result an injected fault gives it).
+    Leg {
+        tag: legs_io::LegTag,
+        leg: u8,
+        io: Box<DiskIo>,
+        inject: Option<i32>,
+    },
     /// A ublk FETCH_REQ / COMMIT_AND_FETCH_REQ of one tag.
     Ublk {
         q: u16,
@@ -176,8 +184,9 @@ pub struct Loop {
     ring: IoUring,
     ublk: Option<UblkFrontend>,
     vol: Volume,
-    _backing: Backing,
-    backing_fd: RawFd,
+    /// The local legs (the volume's storage) and their requests.
+    legs: crate::legs::Legs,
+    legio: legs_io::LegIo,
     meta: MetaArea,
     _journal: Option<std::fs::File>,
     journal_fd: RawFd,
@@ -227,7 +236,7 @@ impl Loop {
     /// A loop over an opened volume, with the ublk device to serve if the frontend is ublk.
     pub fn new(
         vol: Volume,
-        backing: Backing,
+        legs: crate::legs::Legs,
         meta: MetaArea,
         journal: Option<std::fs::File>,
         shared: Shared,
@@ -235,13 +244,14 @@ impl Loop {
         ublk: Option<UblkFrontend>,
     ) -> anyhow::Result<Loop> {
         let ring = build_ring()?;
-        let backing_fd = backing.file.as_raw_fd();
         Ok(Loop {
             ring,
             ublk,
             vol,
-            _backing: backing,
-            backing_fd,
+            legs,
+            legio: legs_io::LegIo::new(
+                std::env::var("BLKREP_FAULT_INJECTION").as_deref() == Ok("1"),
+            ),
             meta,
             journal_fd: journal.as_ref().map_or(-1, |f| f.as_raw_fd()),
             _journal: journal,
@@ -330,6 +340,7 @@ impl Loop {
             }
         }
         self.drill_shutdown();
+        self.legs_shutdown();
         tracing::info!("stopped");
         if let Some(f) = self.ublk.as_ref().and_then(|u| u.failure()) {
             anyhow::bail!("ublk: {f}");
@@ -392,7 +403,7 @@ impl Loop {
         match op {
             Op::Disk { op, mut io } => match io.complete(res, &mut self.meta) {
                 Step::Again => {
-                    let e = io.sqe(self.backing_fd, self.meta.file.as_raw_fd(), self.journal_fd);
+                    let e = io.sqe(-1, self.meta.file.as_raw_fd(), self.journal_fd);
                     self.free_ops.pop();
                     self.ops[key] = Some(Op::Disk { op, io });
                     self.push(e.user_data(key as u64));
@@ -404,6 +415,12 @@ impl Loop {
                     self.feed(Input::DiskDone { op, result })
                 }
             },
+            Op::Leg {
+                tag,
+                leg,
+                io,
+                inject,
+            } => self.leg_io_done(key, tag, leg, io, inject, res),
             Op::NbdRecv { key: c, gen } => self.nbd_recv_done(c, gen, res),
             Op::NbdSend { key: c, gen, .. } => self.nbd_send_done(c, gen, res),
             Op::LinkRecv { gen } => self.link_recv_done(gen, res),
@@ -422,6 +439,7 @@ impl Loop {
                 self.check_alerts(&st);
                 self.reap_lingering_links();
                 self.drill_tick();
+                self.legs_tick();
             }
         }
     }
@@ -568,21 +586,8 @@ impl Loop {
                 // in one pwritev at its end (see `flush_journal`).
                 self.journal_pending.push((op, pos, parts));
             }
-            Output::Disk(d) => match DiskIo::new(d.kind, &self.meta) {
-                Ok(io) => {
-                    let mut io = Box::new(io);
-                    let e = io.sqe(self.backing_fd, self.meta.file.as_raw_fd(), self.journal_fd);
-                    let key = self.alloc_op(Op::Disk { op: d.op, io });
-                    self.push(e.user_data(key as u64));
-                }
-                Err(e) => {
-                    tracing::error!("cannot encode metadata: {e}");
-                    self.feed(Input::DiskDone {
-                        op: d.op,
-                        result: Err(IoError::Io),
-                    });
-                }
-            },
+            Output::Disk(d) if legs_io::is_volume_op(&d.kind) => self.legs_submit(d.op, d.kind),
+            Output::Disk(d) => self.disk_submit(d.op, d.kind),
             Output::Send { conn, msg } => {
                 if let Some(l) = open_link(&mut self.links, conn) {
                     self.scratch.clear();
@@ -647,6 +652,25 @@ impl Loop {
         }
     }
 
+    /// Submit a metadata or journal operation.
+    fn disk_submit(&mut self, op: OpId, kind: DiskKind) {
+        match DiskIo::new(kind, &self.meta) {
+            Ok(io) => {
+                let mut io = Box::new(io);
+                let e = io.sqe(-1, self.meta.file.as_raw_fd(), self.journal_fd);
+                let key = self.alloc_op(Op::Disk { op, io });
+                self.push(e.user_data(key as u64));
+            }
+            Err(e) => {
+                tracing::error!("cannot encode metadata: {e}");
+                self.feed(Input::DiskDone {
+                    op,
+                    result: Err(IoError::Io),
+                });
+            }
+        }
+    }
+
     // ------------------------------------------------------------ helper threads
 
     fn drain_channels(&mut self) {
@@ -672,6 +696,7 @@ impl Loop {
             return;
         }
         match c.req {
+            Request::Leg { .. } | Request::LegFault { .. } => return self.leg_control(c),
             Request::DrillStart => return self.drill_start(c),
             Request::DrillStop { ref outcome } => {
                 let outcome = outcome.clone();
@@ -721,7 +746,10 @@ impl Loop {
                 return;
             }
             Request::Verify { repair } => AdminCmd::Verify { repair },
-            Request::DrillStart | Request::DrillStop { .. } => {
+            Request::DrillStart
+            | Request::DrillStop { .. }
+            | Request::Leg { .. }
+            | Request::LegFault { .. } => {
                 let _ = c.reply.send(Err(ControlError::new(
                     "bad_request",
                     "not an engine command",
@@ -787,7 +815,8 @@ impl Loop {
             .as_ref()
             .filter(|j| j.capacity > 0)
             .map_or(0.0, |j| j.used as f64 * 100.0 / j.capacity as f64);
-        let now: [(&'static str, bool, &'static str, String); 5] = [
+        let degraded = self.degraded_message();
+        let now: [(&'static str, bool, &'static str, String); 6] = [
             (
                 "link_down",
                 a.link_down_seconds > 0.0 && down_for >= a.link_down_seconds,
@@ -829,6 +858,12 @@ impl Loop {
                 st.disk_state == DiskState::Failed,
                 "critical",
                 "this node's backing device failed: it serves no data from it".to_string(),
+            ),
+            (
+                "degraded_leg",
+                degraded.is_some(),
+                "warning",
+                degraded.unwrap_or_default(),
             ),
             (
                 "split_brain",
@@ -908,6 +943,8 @@ impl Loop {
             event_log: self.shared.events.path().display().to_string(),
             engine: self.vol.status(),
             drill: self.drill_status(),
+            local: self.legs.summary().into(),
+            legs: self.legs.status(),
         };
         serde_json::to_value(st).unwrap_or_default()
     }

@@ -19,6 +19,8 @@ pub struct Opened {
     pub start: JournalStart,
     /// What the scan found, for the log.
     pub report: String,
+    /// The ranges the journal's records were redone on (legs that were out lack them).
+    pub redone: Vec<(u64, u64)>,
 }
 
 /// The kernel's boot id as 16 bytes (all zero when unreadable: never equal to a real one
@@ -39,7 +41,8 @@ pub fn boot_id() -> [u8; 16] {
 }
 
 /// Open (creating a file if needed) and scan the journal at `path` for a volume whose
-/// metadata is `meta`. A trusted journal's records are written to `backing` and synced;
+/// metadata is `meta`. A trusted journal's records are written to every leg of `legs` and
+/// synced;
 /// an untrusted one's ranges join `meta.dirty` (they are resynced).
 pub fn open(
     path: &Path,
@@ -47,7 +50,7 @@ pub fn open(
     resource: &str,
     meta: &mut Metadata,
     meta_area: &mut crate::backend::MetaArea,
-    backing: &Path,
+    legs: &[&Path],
 ) -> anyhow::Result<Opened> {
     let file = OpenOptions::new()
         .read(true)
@@ -117,13 +120,17 @@ pub fn open(
         meta_area
             .write_sync(meta)
             .context("recording the journal's blocks in the metadata")?;
-        redo(backing, &opening.redo).context("redoing the journal on the backing")?;
+        for backing in legs {
+            redo(backing, &opening.redo).context("redoing the journal on the backing")?;
+        }
     }
+    let redone = opening.redo.iter().filter_map(|it| it.range()).collect();
     Ok(Opened {
         file,
         cfg,
         start: opening.start,
         report: format!("journal {}: {}", path.display(), opening.report),
+        redone,
     })
 }
 

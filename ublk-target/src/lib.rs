@@ -12,6 +12,7 @@ pub mod drill;
 pub mod events;
 pub mod journal_file;
 pub mod latency;
+pub mod legs;
 pub mod link;
 pub mod metrics;
 pub mod nbd;

@@ -272,5 +272,35 @@ pub fn render(s: &Value) -> String {
         "seconds since the daemon started",
         num(&s["uptime_seconds"]),
     );
+    // The local legs: one line per leg.
+    let legs = s["legs"].as_array().cloned().unwrap_or_default();
+    for (name, help, f) in [
+        (
+            "leg_healthy",
+            "1 while the local leg is healthy (takes writes, serves reads)",
+            (|l: &Value| (l["state"] == "healthy") as u8 as f64) as fn(&Value) -> f64,
+        ),
+        (
+            "leg_lacking_bytes",
+            "bytes the local leg lacks (written while it was out; its rebuild copies them)",
+            |l: &Value| num(&l["lacks_bytes"]),
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP blkrep_{name} {help}");
+        let _ = writeln!(o, "# TYPE blkrep_{name} gauge");
+        for l in &legs {
+            let _ = writeln!(
+                o,
+                "blkrep_{name}{{{labels},leg=\"{}\",path=\"{}\"}} {}",
+                num(&l["index"]),
+                l["path"]
+                    .as_str()
+                    .unwrap_or("")
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\""),
+                f(l)
+            );
+        }
+    }
     o
 }

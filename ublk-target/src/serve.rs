@@ -51,27 +51,52 @@ fn run_with(cfg: &Config, node: &str, events: crate::events::EventLog) -> anyhow
     let size = cfg.resource.size;
     let name = &cfg.resource.name;
 
-    let backing = Backing::open(&me.backing, size)?;
-    if !backing.direct {
-        tracing::warn!(
-            "backing {} does not support O_DIRECT; using buffered I/O",
-            me.backing.display()
-        );
-    }
     let (mut meta_area, mut meta) = MetaArea::open(&me.metadata, name, node, size)?;
-    // The journal is scanned (and a trusted one redone on the backing) before anything
-    // else reads or writes the volume.
+    // The local legs: the backing and the mirror, as the state file says they are.
+    let mut configured = vec![me.backing.clone()];
+    configured.extend(me.legs.mirror.clone());
+    let mut open_leg = |p: &Path| {
+        let b = Backing::open(p, size).map_err(|e| e.to_string())?;
+        if !b.direct {
+            tracing::warn!(
+                "leg {} does not support O_DIRECT; using buffered I/O",
+                p.display()
+            );
+        }
+        Ok(b.file)
+    };
+    let (mut legs, opening) = crate::legs::Legs::open(
+        &cfg.legs_state(me),
+        &configured,
+        me.legs.clone(),
+        name,
+        node,
+        size,
+        &meta.dirty,
+        &mut open_leg,
+    )?;
+    for n in &opening.notes {
+        tracing::warn!("{n}");
+        events.log("leg", "warning", n.clone(), None);
+    }
+    if legs.healthy_count() == 0 {
+        // As before legs: a backing that cannot be opened is a start-up error.
+        Backing::open(&me.backing, size)?;
+        anyhow::bail!("no local leg can be opened");
+    }
+    // The journal is scanned (and a trusted one redone on the healthy legs) before
+    // anything else reads or writes the volume.
     let journal = match &me.journal {
         Some((path, jsize)) => {
-            let j = crate::journal_file::open(
-                path,
-                *jsize,
-                name,
-                &mut meta,
-                &mut meta_area,
-                &me.backing,
-            )?;
+            let healthy: Vec<PathBuf> = legs.healthy().map(|i| legs.legs[i].path.clone()).collect();
+            let paths: Vec<&Path> = healthy.iter().map(|p| p.as_path()).collect();
+            let j =
+                crate::journal_file::open(path, *jsize, name, &mut meta, &mut meta_area, &paths)?;
             tracing::info!("{}", j.report);
+            for &(s, e) in &j.redone {
+                legs.note_write(s, e);
+            }
+            legs.save()?;
             Some(j)
         }
         None => None,
@@ -137,6 +162,9 @@ fn run_with(cfg: &Config, node: &str, events: crate::events::EventLog) -> anyhow
         None => None,
     };
     let mut traced = vec![(me.backing.as_path(), "backing")];
+    if let Some(m) = &me.legs.mirror {
+        traced.push((m.as_path(), "mirror"));
+    }
     if let Some((j, _)) = &me.journal {
         traced.push((j.as_path(), "journal"));
     }
@@ -261,7 +289,7 @@ fn run_with(cfg: &Config, node: &str, events: crate::events::EventLog) -> anyhow
         owner: device::owner_tag(name, &format!("{node} drill")),
         ublk: Path::new(UBLK_CONTROL).exists(),
     };
-    let r = Loop::new(vol, backing, meta_area, journal_file, shared, ident, ublk)
+    let r = Loop::new(vol, legs, meta_area, journal_file, shared, ident, ublk)
         .and_then(|l| l.with_tracking(tracking).with_drill(drill).run());
     stop.store(true, Ordering::Relaxed);
     if let Some(u) = ublk_setup {

@@ -148,7 +148,7 @@ fn blkrep_commands(code: &str) -> Vec<Vec<String>> {
 
 /// `blkrep`'s verb (and the action of `baseline`) and the long flags it is given.
 fn verb_and_flags(words: &[String]) -> (Vec<String>, BTreeSet<String>) {
-    let mut verb = Vec::new();
+    let mut verb: Vec<String> = Vec::new();
     let mut flags = BTreeSet::new();
     let mut it = words.iter();
     while let Some(w) = it.next() {
@@ -158,7 +158,9 @@ fn verb_and_flags(words: &[String]) -> (Vec<String>, BTreeSet<String>) {
             flags.insert(format!("--{}", f.split('=').next().unwrap_or(f)));
         } else if w.starts_with('-') {
             // a short option: checked by running the command's --help below only as a word
-        } else if verb.is_empty() || (verb.len() == 1 && verb[0] == "baseline") {
+        } else if verb.is_empty()
+            || (verb.len() == 1 && matches!(verb[0].as_str(), "baseline" | "leg"))
+        {
             verb.push(w.clone());
         }
     }

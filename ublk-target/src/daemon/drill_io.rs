@@ -199,11 +199,19 @@ impl Loop {
         let st = self.vol.status();
         let hold_seconds = asked.elapsed().as_secs_f64();
         let held_writes = held.len() as u64;
-        let cow = self
-            ._backing
-            .file
-            .try_clone()
-            .and_then(|f| Cow::create(f, self.vol.volume_size(), &setup.store));
+        // The clone reads the cut from a healthy leg (all healthy legs hold the same data).
+        let leg = self
+            .legs
+            .healthy()
+            .next()
+            .and_then(|i| self.legs.legs[i].file.as_ref());
+        let cow = match leg {
+            Some(f) => f.try_clone(),
+            None => Err(std::io::Error::other(
+                "no healthy local leg to read the cut from",
+            )),
+        }
+        .and_then(|f| Cow::create(f, self.vol.volume_size(), &setup.store));
         let cow = match cow {
             Ok(c) => Arc::new(c),
             Err(e) => {
