@@ -35,7 +35,8 @@
 //! read_policy = "balanced"         # reads: "balanced", "first" or "second" leg
 //! leg_timeout = 5.0                # seconds before a hung leg request fails the leg
 //! rebuild_rate = "200M"            # leg rebuild bandwidth, bytes/s (default: none)
-//! on_io_error = "fail"             # no healthy leg left: fail the volume cleanly
+//! on_io_error = "fail"             # no healthy leg left: fail the volume, or "diskless":
+//!                                  # a primary goes on through its up-to-date peer
 //!
 //! [[node]]
 //! name = "beta"
@@ -453,6 +454,10 @@ pub enum ReadPolicy {
 pub enum OnIoError {
     /// Fail the volume: clients get I/O errors, nothing more is written or shipped.
     Fail,
+    /// A primary whose peer is connected and up to date goes on through it: reads are
+    /// served by the peer, writes complete once the peer has applied them. Losing the link
+    /// then fails the volume.
+    Diskless,
 }
 
 /// Whether the daemon traces its block devices with eBPF (`[[node]] ebpf = ...`).
@@ -1057,18 +1062,11 @@ fn parse_legs(
     legs.rebuild_rate = rebuild_rate.map_or(0, |s| s.0);
     legs.on_io_error = match on_io_error.as_deref() {
         None | Some("fail") => OnIoError::Fail,
-        Some("diskless") => {
-            return Err((
-                "on_io_error",
-                "\"diskless\" (serving through the peer) is not implemented yet; use \
-                 \"fail\""
-                    .into(),
-            ))
-        }
+        Some("diskless") => OnIoError::Diskless,
         Some(other) => {
             return Err((
                 "on_io_error",
-                format!("{other:?} is not a policy (use \"fail\")"),
+                format!("{other:?} is not a policy (use \"fail\" or \"diskless\")"),
             ))
         }
     };
@@ -1249,6 +1247,11 @@ fingerprint = "sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd
         assert_eq!(l.rebuild_rate, 100 << 20);
         assert_eq!(l.on_io_error, OnIoError::Fail);
         assert_eq!(c.node("beta").unwrap().legs, Legs::default());
+        let d = parse(&with("on_io_error = \"diskless\"")).unwrap();
+        assert_eq!(
+            d.node("alpha").unwrap().legs.on_io_error,
+            OnIoError::Diskless
+        );
         assert_eq!(
             c.legs_state(c.node("alpha").unwrap()),
             Path::new("/tmp/a.md.legs")
@@ -1284,11 +1287,6 @@ fingerprint = "sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd
                 "mirror = \"/m\"\nleg_timeout = -1.0",
                 "node[0].leg_timeout",
                 "out of range",
-            ),
-            (
-                "on_io_error = \"diskless\"",
-                "node[0].on_io_error",
-                "not implemented",
             ),
             (
                 "on_io_error = \"ignore\"",

@@ -54,7 +54,7 @@ impl Volume {
     /// the metadata write in flight, if any): a write there may be issued.
     pub(crate) fn al_covered(&self, start: u64, end: u64) -> bool {
         if self.role != Role::Primary
-            || self.disk_state == DiskState::Failed
+            || matches!(self.disk_state, DiskState::Failed | DiskState::Diskless)
             || crate::bugs::on(crate::bugs::Bug::SkipActivityLog)
         {
             return true;

@@ -52,6 +52,13 @@ impl Volume {
             Msg::PromoteGrant { nonce } => self.on_promote_answer(nonce, Ok(())),
             Msg::PromoteDeny { nonce, reason } => self.on_promote_answer(nonce, Err(reason)),
             Msg::VerifyReport { seq, bad } => self.on_verify_report(seq, bad),
+            Msg::ReadRequest {
+                id,
+                offset,
+                len,
+                after,
+            } => self.on_read_request(id, offset, len, after),
+            Msg::ReadReply { id, data } => self.on_read_reply(id, data),
         }
     }
 
@@ -232,6 +239,8 @@ impl Volume {
         }
         self.abort_verify("the link to the peer was lost");
         self.verify_items.clear();
+        self.peer_reads.clear();
+        self.diskless_link_lost();
         // Sync mode degrades: writes waiting for the peer complete on the local leg alone,
         // their items stay queued for the next connection.
         self.release_waiters();

@@ -10,6 +10,7 @@ mod al;
 pub mod buf;
 pub mod bugs;
 pub mod dirty;
+mod diskless;
 pub mod generations;
 pub mod msg;
 pub mod types;

@@ -148,4 +148,15 @@ pub enum Msg {
     /// Secondary to primary: the result of verify item `seq`: the byte ranges whose
     /// blocks differ (empty when all match).
     VerifyReport { seq: Seq, bad: Vec<(u64, u64)> },
+    /// Diskless primary to secondary: read `len` bytes at `offset` once every stream item
+    /// `<= after` is applied; answered by [`Msg::ReadReply`] with the same `id`.
+    ReadRequest {
+        id: u64,
+        offset: u64,
+        len: u64,
+        after: Seq,
+    },
+    /// Secondary to a diskless primary: the data of read `id`, or `None` when the read
+    /// could not be served (no usable image, a disk error).
+    ReadReply { id: u64, data: Option<Bytes> },
 }

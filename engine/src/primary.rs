@@ -29,6 +29,15 @@ impl Volume {
     pub(crate) fn client_read(&mut self, req: ReqId, offset: u64, len: u64) {
         let result = if self.shutting_down.is_some() {
             Err(IoError::Shutdown)
+        } else if self.disk_state == DiskState::Diskless
+            && self.role == Role::Primary
+            && self.streaming
+        {
+            // Served by the peer (see diskless.rs).
+            match self.check_range(offset, len) {
+                Ok(()) if len > 0 => return self.remote_read(req, offset, len),
+                r => r,
+            }
         } else if matches!(
             self.disk_state,
             DiskState::Inconsistent | DiskState::Failed | DiskState::Diskless
@@ -48,7 +57,10 @@ impl Volume {
                 result: Ok(Some(Bytes::new())),
             }),
             Ok(()) => {
-                self.issue(Purpose::ClientRead { req }, DiskKind::Read { offset, len });
+                self.issue(
+                    Purpose::ClientRead { req, offset, len },
+                    DiskKind::Read { offset, len },
+                );
             }
         }
     }
@@ -59,7 +71,9 @@ impl Volume {
             Err(IoError::Shutdown)
         } else if self.role != Role::Primary {
             Err(IoError::ReadOnly)
-        } else if self.disk_state == DiskState::Failed {
+        } else if self.disk_state == DiskState::Failed
+            || (self.disk_state == DiskState::Diskless && !self.streaming)
+        {
             Err(IoError::Io)
         } else {
             match &input {
@@ -181,6 +195,18 @@ impl Volume {
             resync: false,
             kind: item,
         });
+        if self.disk_state == DiskState::Diskless {
+            // No local disk: the write is done here once queued; it completes when the peer
+            // has applied it (`needs_peer`). One the stream cannot carry (it went to the
+            // dirty set, which only a resync from a local disk brings) is lost: an error.
+            if in_dirty {
+                if let Some(p) = self.pending.get_mut(&req) {
+                    p.error = Some(IoError::Io);
+                }
+            }
+            self.local_write_done(req, None, Ok(None));
+            return;
+        }
         if let Some((start, len, _)) = &local {
             if *len > 0 {
                 self.al_note(*start, start + len, seq, in_dirty);
@@ -370,14 +396,16 @@ impl Volume {
         if let Some(seq) = self.pending.get(&req).map(|p| p.seq) {
             self.local_seq_done(seq);
         }
-        if let Some(p) = self.pending.get_mut(&req) {
-            p.local_done = true;
-            if let Err(e) = result {
-                p.error = Some(e);
-            }
-        }
         if let Err(e) = result {
             self.disk_failed("a local write", e);
+        }
+        // Gone diskless: the write is in the stream and completes once the peer has it.
+        let diskless = self.disk_state == DiskState::Diskless;
+        if let Some(p) = self.pending.get_mut(&req) {
+            p.local_done = true;
+            if let (Err(e), false) = (result, diskless) {
+                p.error = Some(e);
+            }
         }
         self.try_complete(req);
         self.unblock();
@@ -426,7 +454,7 @@ impl Volume {
 
     fn needs_peer(&self, seq: Seq) -> bool {
         !bugs::on(Bug::SyncAckBeforePeer)
-            && self.cfg.mode == Mode::Sync
+            && (self.cfg.mode == Mode::Sync || self.disk_state == DiskState::Diskless)
             && self.streaming
             && seq > self.stream_base
             && self.peer_applied < seq

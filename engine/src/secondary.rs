@@ -187,6 +187,7 @@ impl Volume {
             self.flushed = self.flushed.max(seq);
             self.persist_meta();
         }
+        self.issue_peer_reads();
         self.check_resync_target_done();
     }
 

@@ -63,6 +63,9 @@ pub struct VolumeConfig {
     /// Activity-log extent, bytes: a primary records an extent in its metadata before
     /// the first write into it, so a crash never loses track of writes its peer lacks.
     pub al_extent: u64,
+    /// When the local disk fails on a primary whose peer is connected and up to date, go
+    /// on diskless (reads and writes served through the peer) instead of failing.
+    pub diskless_on_failure: bool,
 }
 
 impl VolumeConfig {
@@ -86,6 +89,7 @@ impl VolumeConfig {
             peer_timeout_ns: 6_000_000_000,
             shutdown_drain_ns: 5_000_000_000,
             al_extent: 4 << 20,
+            diskless_on_failure: false,
         }
     }
 }
@@ -261,6 +265,8 @@ pub struct Probe {
 pub(crate) enum Purpose {
     ClientRead {
         req: ReqId,
+        offset: u64,
+        len: u64,
     },
     /// A local write/zeroes/trim of a client request, holding `[start, end)` in flight.
     ClientWrite {
@@ -281,6 +287,10 @@ pub(crate) enum Purpose {
         seq: Seq,
         start: Option<u64>,
         bytes: u64,
+    },
+    /// Secondary: a read for the diskless primary's request `id`.
+    PeerRead {
+        id: u64,
     },
     /// An fsync taken so that everything `<= upto` is durable.
     Checkpoint {
@@ -499,6 +509,12 @@ pub struct Volume {
     pub(crate) verify: Option<crate::verify::VerifyRun>,
     /// Secondary: verify items being read (hashes to compare against).
     pub(crate) verify_items: HashMap<Seq, (u32, Vec<[u8; 32]>)>,
+    /// Diskless primary: client reads sent to the peer, by request id.
+    pub(crate) remote_reads: BTreeMap<u64, ReqId>,
+    pub(crate) next_remote_read: u64,
+    /// Secondary: the peer's reads (id, offset, len), each waiting until everything up to
+    /// its sequence is applied.
+    pub(crate) peer_reads: Vec<(u64, u64, u64, Seq)>,
     pub(crate) resync_bytes_done: u64,
     pub(crate) resync_epoch: u64,
     /// This node crashed while primary: its data may hold writes its peer never saw.
@@ -631,6 +647,9 @@ impl Volume {
             resync: None,
             verify: None,
             verify_items: HashMap::new(),
+            remote_reads: BTreeMap::new(),
+            next_remote_read: 1,
+            peer_reads: Vec::new(),
             resync_bytes_done: 0,
             resync_epoch: 0,
             crashed_primary,
@@ -802,8 +821,11 @@ impl Volume {
     /// The backing failed an I/O: fail-stop. The disk is detached (`Failed`): this node
     /// serves no data from it and needs a full sync once it is repaired. The peer is told.
     pub(crate) fn disk_failed(&mut self, what: &str, e: IoError) {
-        if self.disk_state == DiskState::Failed {
+        if matches!(self.disk_state, DiskState::Failed | DiskState::Diskless) {
             return;
+        }
+        if self.can_go_diskless() {
+            return self.go_diskless(what, e);
         }
         self.disk_state = DiskState::Failed;
         if self.resync.take().is_some() {
@@ -901,7 +923,11 @@ impl Volume {
     pub(crate) fn persist_meta(&mut self) {
         let recorded = self.meta.applied_seq;
         self.meta.role = self.role;
-        self.meta.disk_state = self.disk_state;
+        // Diskless is a state of this run: the local disk has missed writes.
+        self.meta.disk_state = match self.disk_state {
+            DiskState::Diskless => DiskState::Failed,
+            d => d,
+        };
         self.meta.applied_seq = match self.role {
             Role::Primary => self.last_seq,
             Role::Secondary => self.flushed,
@@ -947,9 +973,12 @@ impl Volume {
             return;
         };
         match purpose {
-            Purpose::ClientRead { req } => {
+            Purpose::ClientRead { req, offset, len } => {
                 if let Err(e) = result {
                     self.disk_failed("a client read", e);
+                    if self.disk_state == DiskState::Diskless {
+                        return self.remote_read(req, offset, len);
+                    }
                 }
                 if result.is_ok() {
                     self.client_reads += 1;
@@ -965,6 +994,7 @@ impl Volume {
                 self.resync_read_done(start, len, epoch, result)
             }
             Purpose::Apply { seq, start, bytes } => self.apply_done(seq, start, bytes, result),
+            Purpose::PeerRead { id } => self.peer_read_done(id, result),
             Purpose::Checkpoint { upto } => self.checkpoint_flush_done(upto, result),
             Purpose::PromoteFlush => self.promote_flush_done(result),
             Purpose::JournalAppend { seq } => self.journal_append_done(seq, result.map(|_| ())),

@@ -69,6 +69,8 @@ const KIND_PROMOTE_REQUEST: u8 = 9;
 const KIND_PROMOTE_GRANT: u8 = 10;
 const KIND_PROMOTE_DENY: u8 = 11;
 const KIND_VERIFY_REPORT: u8 = 12;
+const KIND_READ_REQUEST: u8 = 13;
+const KIND_READ_REPLY: u8 = 14;
 
 const OP_WRITE: u8 = 1;
 const OP_ZEROES: u8 = 2;
@@ -127,12 +129,7 @@ pub fn encode_with(msg: &Msg, out: &mut Vec<u8>, opts: EncodeOpts) -> Option<Byt
                     w.u8(*fua as u8);
                     w.u64(*offset);
                     w.u64(data.len() as u64);
-                    if link_authenticated {
-                        flags |= FLAG_LINK_AUTHENTICATED;
-                        w.bytes(&[0u8; 32]);
-                    } else {
-                        w.bytes(blake3::hash(data).as_bytes());
-                    }
+                    data_hash(&mut w, data, link_authenticated, &mut flags);
                     if opts.compress && data.len() >= 512 {
                         let c = lz4_flex::block::compress(data);
                         if c.len() + c.len() / 8 < data.len() {
@@ -241,6 +238,33 @@ pub fn encode_with(msg: &Msg, out: &mut Vec<u8>, opts: EncodeOpts) -> Option<Byt
             }
             (KIND_VERIFY_REPORT, None)
         }
+        Msg::ReadRequest {
+            id,
+            offset,
+            len,
+            after,
+        } => {
+            w.u64(*id);
+            w.u64(*offset);
+            w.u64(*len);
+            w.u64(*after);
+            (KIND_READ_REQUEST, None)
+        }
+        Msg::ReadReply { id, data } => {
+            w.u64(*id);
+            match data {
+                None => {
+                    w.u8(0);
+                    (KIND_READ_REPLY, None)
+                }
+                Some(data) => {
+                    w.u8(1);
+                    w.u64(data.len() as u64);
+                    data_hash(&mut w, data, link_authenticated, &mut flags);
+                    (KIND_READ_REPLY, Some(data.clone()))
+                }
+            }
+        }
     };
     let body_len = out.len() - start - HEADER;
     let payload_len = payload.as_ref().map_or(0, |p| p.len());
@@ -254,6 +278,17 @@ pub fn encode_with(msg: &Msg, out: &mut Vec<u8>, opts: EncodeOpts) -> Option<Byt
     let sum = blake3::hash(&out[start..]);
     out.extend_from_slice(&sum.as_bytes()[..SUM]);
     payload
+}
+
+/// The data hash of a payload-carrying body: blake3 of the data, or zeros (and the flag
+/// set) on a link whose record layer authenticates every byte.
+fn data_hash(w: &mut Writer, data: &[u8], link_authenticated: bool, flags: &mut u8) {
+    if link_authenticated {
+        *flags |= FLAG_LINK_AUTHENTICATED;
+        w.bytes(&[0u8; 32]);
+    } else {
+        w.bytes(blake3::hash(data).as_bytes());
+    }
 }
 
 /// Encode a whole frame into one buffer (tests, blocking senders).
@@ -459,12 +494,14 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8], flags: u8) -> Result<Msg, 
         KIND_PROMOTE_GRANT => "promote-grant",
         KIND_PROMOTE_DENY => "promote-deny",
         KIND_VERIFY_REPORT => "verify-report",
+        KIND_READ_REQUEST => "read-request",
+        KIND_READ_REPLY => "read-reply",
         k => return Err(FrameError::Kind(k)),
     };
     let bad = |source| FrameError::Body { kind: name, source };
     let mut r = Reader::new(body);
     let msg = (|| -> Result<Result<Msg, FrameError>, WireError> {
-        if kind != KIND_ITEM && !payload.is_empty() {
+        if kind != KIND_ITEM && kind != KIND_READ_REPLY && !payload.is_empty() {
             return Err(WireError::Invalid("payload on a message that has none"));
         }
         Ok(Ok(match kind {
@@ -614,6 +651,38 @@ fn decode_body(kind: u8, body: &[u8], payload: &[u8], flags: u8) -> Result<Msg, 
                 }
                 Msg::VerifyReport { seq, bad }
             }
+            KIND_READ_REQUEST => Msg::ReadRequest {
+                id: r.u64()?,
+                offset: r.u64()?,
+                len: r.u64()?,
+                after: r.u64()?,
+            },
+            KIND_READ_REPLY => {
+                let id = r.u64()?;
+                if !r.bool()? {
+                    if !payload.is_empty() {
+                        return Err(WireError::Invalid("payload on a failed read reply"));
+                    }
+                    Msg::ReadReply { id, data: None }
+                } else {
+                    let len = r.u64()?;
+                    let hash: [u8; 32] = r.array()?;
+                    if payload.len() as u64 != len {
+                        return Err(WireError::Invalid("read reply length differs from payload"));
+                    }
+                    if lz4 {
+                        return Err(WireError::Invalid("compressed read reply"));
+                    }
+                    let data = AlignedBuf::copy_from(payload).freeze();
+                    if !unhashed && blake3::hash(&data).as_bytes() != &hash {
+                        return Ok(Err(FrameError::DataChecksum { seq: id }));
+                    }
+                    Msg::ReadReply {
+                        id,
+                        data: Some(data),
+                    }
+                }
+            }
             _ => Msg::Goodbye { reason: r.str()? },
         }))
     })()
@@ -701,7 +770,32 @@ mod tests {
                 nonce: 6,
                 reason: "no".into(),
             },
+            Msg::ReadRequest {
+                id: 7,
+                offset: 4096,
+                len: 8192,
+                after: 41,
+            },
+            Msg::ReadReply {
+                id: 7,
+                data: Some(Bytes::from(vec![0x5a; 8192])),
+            },
+            Msg::ReadReply { id: 8, data: None },
         ]
+    }
+
+    #[test]
+    fn a_read_reply_with_corrupted_data_is_refused() {
+        let mut f = encode_to_vec(&Msg::ReadReply {
+            id: 9,
+            data: Some(Bytes::from(vec![1u8; 4096])),
+        });
+        let n = f.len();
+        f[n - 1] ^= 1; // in the payload: the frame checksum covers header and body only
+        assert!(matches!(
+            decode_frame(&f),
+            Err(FrameError::DataChecksum { seq: 9 })
+        ));
     }
 
     #[test]

@@ -855,9 +855,17 @@ impl Loop {
             ),
             (
                 "disk_failed",
-                st.disk_state == DiskState::Failed,
+                matches!(st.disk_state, DiskState::Failed | DiskState::Diskless),
                 "critical",
-                "this node's backing device failed: it serves no data from it".to_string(),
+                if st.disk_state == DiskState::Diskless {
+                    format!(
+                        "this node's local disk failed: it serves reads and writes through {} \
+                         (diskless); losing the link fails the volume",
+                        self.id.peer
+                    )
+                } else {
+                    "this node's backing device failed: it serves no data from it".to_string()
+                },
             ),
             (
                 "degraded_leg",

@@ -234,6 +234,7 @@ fn run_with(cfg: &Config, node: &str, events: crate::events::EventLog) -> anyhow
     }
 
     let mut vcfg = VolumeConfig::new(node, name, size, cfg.resource.mode);
+    vcfg.diskless_on_failure = me.legs.on_io_error == blkrep_common::config::OnIoError::Diskless;
     vcfg.queue_limit = cfg.resource.queue_limit;
     vcfg.resync_rate = cfg.resource.resync_rate;
     vcfg.replication_rate = cfg.resource.replication_rate;

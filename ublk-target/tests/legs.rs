@@ -460,3 +460,66 @@ fn leg_commands_refuse_what_would_lose_data_and_bad_requests() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fault injection is off"));
 }
+
+#[test]
+fn with_both_legs_failed_a_diskless_primary_serves_through_its_peer() {
+    if !require_qemu() {
+        return;
+    }
+    let l = Legs::new("legs-diskless", "on_io_error = \"diskless\"\n");
+    l.start();
+    qio(&l, &["write -P 0x21 0 4M", "write -P 0x22 8M 1M"]);
+    l.assert_all_equal();
+    let legs_before = [hash_file(&l.p.backing(0)), hash_file(&l.mirror())];
+    l.fault("0", "error", "read,write,flush", 0, 0);
+    l.fault("1", "error", "read,write,flush", 0, 0);
+    // The read that finds both legs failing is served by the peer, as are the next ones.
+    qio(
+        &l,
+        &[
+            "read -P 0x21 0 4M",
+            "read -P 0x22 8M 1M",
+            "read -P 0 16M 1M",
+        ],
+    );
+    let s = l.p.status(0);
+    assert_eq!(s["engine"]["disk_state"], "diskless", "{s:#}");
+    assert_eq!(s["local"], "failed");
+    assert!(
+        s["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["name"] == "disk_failed"),
+        "{s:#}"
+    );
+    // Writes complete once the peer has them, and read back from it.
+    qio(
+        &l,
+        &["write -P 0x23 2M 128k", "flush", "write -P 0x24 20M 4k"],
+    );
+    qio(
+        &l,
+        &[
+            "read -P 0x21 0 2M",
+            "read -P 0x23 2M 128k",
+            "read -P 0x24 20M 4k",
+        ],
+    );
+    // The replica holds them (its own export, read-only), the legs do not.
+    l.p.qemu_io_with_ok(1, &["-r"], &["read -P 0x23 2M 128k", "read -P 0x24 20M 4k"]);
+    assert_eq!(
+        [hash_file(&l.p.backing(0)), hash_file(&l.mirror())],
+        legs_before,
+        "a diskless primary wrote to a failed leg"
+    );
+    // The link goes: nothing holds the data here, the volume fails cleanly.
+    l.p.ok(1, &["down"]);
+    l.p.wait_for(0, "failed after the link loss", |s| {
+        s["engine"]["disk_state"] == "failed"
+    });
+    let out = l.p.qemu_io(0, &["read -P 0x21 0 64k"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("error") || text.contains("failed"), "{text}");
+}

@@ -151,8 +151,14 @@ fn metrics_endpoint_serves_the_exposition_format() {
             assert!(acks >= 32.0, "ship_ack count {acks}");
         }
         // One local leg, healthy, lacking nothing.
-        assert_eq!(labeled(&samples, "blkrep_leg_healthy", &[("leg", "0")]), 1.0);
-        assert_eq!(labeled(&samples, "blkrep_leg_lacking_bytes", &[("leg", "0")]), 0.0);
+        assert_eq!(
+            labeled(&samples, "blkrep_leg_healthy", &[("leg", "0")]),
+            1.0
+        );
+        assert_eq!(
+            labeled(&samples, "blkrep_leg_lacking_bytes", &[("leg", "0")]),
+            0.0
+        );
         let degraded = labeled(&samples, "blkrep_alert", &[("alert", "degraded_leg")]);
         assert_eq!(degraded, 0.0);
         // eBPF state is exported either way (the backing here is a file in a temp dir).

@@ -386,7 +386,16 @@ impl Loop {
         } else {
             (
                 "critical",
-                "no healthy leg is left: the volume fails (on_io_error = \"fail\")".to_string(),
+                match self.legs.cfg.on_io_error {
+                    blkrep_common::config::OnIoError::Fail => {
+                        "no healthy leg is left: the volume fails (on_io_error = \"fail\")"
+                    }
+                    blkrep_common::config::OnIoError::Diskless => {
+                        "no healthy leg is left: a primary with an up-to-date peer goes on \
+                         diskless, otherwise the volume fails (on_io_error = \"diskless\")"
+                    }
+                }
+                .to_string(),
             )
         };
         let was = if was == LegState::Rebuilding {
