@@ -9,6 +9,8 @@
 #             the encrypted link is async / async-plain
 #   async-journal   async with the primary's persistent journal (512M, a file beside the
 #             backing, on the same disk): the cost of the journal is async-journal / async
+#   async-mirror    async with a second local leg (node.mirror, a file beside the backing,
+#             on the same disk): the cost of the local mirror is async-mirror / async
 #   async-noebpf    async with `ebpf = "off"`: the cost of the eBPF latency programs
 #             (attached to the disk under the backing, as root) is async / async-noebpf
 #   async-bpfstats  async with the kernel's BPF run-time statistics on during each job
@@ -59,7 +61,7 @@ mkdir -p "$RUN"
 pids=()
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  for m in async sync async-plain sync-plain async-journal async-noebpf async-bpfstats; do
+  for m in async sync async-plain sync-plain async-journal async-mirror async-noebpf async-bpfstats; do
     [ -f "$DIR/$m.toml" ] && for n in alpha beta; do
       "$BIN/blkrep" --config "$DIR/$m.toml" --node $n down --timeout 20 >/dev/null 2>&1 || true
     done
@@ -92,6 +94,10 @@ journal_lines() { # contender
   case "$1" in *-journal) printf 'journal = "%s"\njournal_size = "512M"\n' "$DIR/alpha.journal" ;; esac
 }
 
+mirror_lines() { # contender
+  case "$1" in *-mirror) printf 'mirror = "%s"\n' "$DIR/alpha-mirror.img" ;; esac
+}
+
 ebpf_lines() { # contender
   case "$1" in *-noebpf) echo 'ebpf = "off"' ;; esac
 }
@@ -115,6 +121,7 @@ backing = "$IMG"
 metadata = "$DIR/alpha-$c.md"
 $(tls_lines alpha "$c")
 $(journal_lines "$c")
+$(mirror_lines "$c")
 $(ebpf_lines "$c")
 
 [[node]]
@@ -125,6 +132,15 @@ metadata = "$DIR/beta-$c.md"
 $(tls_lines beta "$c")
 $(ebpf_lines "$c")
 EOF
+}
+
+wait_mirror() { # config: until leg 1 is healthy
+  for _ in $(seq 6000); do
+    "$BIN/blkrep" --config "$1" --node alpha status --json |
+      python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["legs"][1]["state"]=="healthy" else 1)' && return 0
+    sleep 0.1
+  done
+  echo "bench: the mirror never became healthy" >&2; exit 1
 }
 
 wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "bench: $1 never appeared" >&2; exit 1; }
@@ -191,15 +207,17 @@ for r in $(seq "$ROUNDS"); do
         wait_sock "$RUN/qemu.sock"
         nbd_fio "$r" qemu-nbd "nbd+unix:///vol?socket=$RUN/qemu.sock"
         kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true ;;
-      async|sync|async-plain|sync-plain|async-journal|async-noebpf|async-bpfstats)
+      async|sync|async-plain|sync-plain|async-journal|async-mirror|async-noebpf|async-bpfstats)
         write_config "$c"
         cfg=$DIR/$c.toml
+        [ "$c" = async-mirror ] && truncate -s "$bytes" "$DIR/alpha-mirror.img"
         for n in alpha beta; do
           "$BIN/blkrep" --config "$cfg" --node $n create-md --force >/dev/null
           "$BIN/blkrep" --config "$cfg" --node $n up >/dev/null
         done
         "$BIN/blkrep" --config "$cfg" --node alpha promote --timeout 30 >/dev/null
         wait_in_sync "$cfg"   # the initial full sync of a new pair
+        [ "$c" = async-mirror ] && wait_mirror "$cfg"   # the mirror's initial full copy
         for j in $JOBS; do
           if [ "$c" = async-bpfstats ]; then
             echo 1 >/proc/sys/kernel/bpf_stats_enabled

@@ -8,7 +8,7 @@ import statistics
 import sys
 
 out, rounds, runtime, size, replica = sys.argv[1:6]
-KNOWN = ["raw", "nbdkit", "qemu-nbd", "async", "sync", "async-plain", "sync-plain", "async-journal", "async-noebpf", "async-bpfstats"]
+KNOWN = ["raw", "nbdkit", "qemu-nbd", "async", "sync", "async-plain", "sync-plain", "async-journal", "async-mirror", "async-noebpf", "async-bpfstats"]
 res = {}
 CPUS = os.cpu_count() or 1
 RUNTIME = float(runtime)
@@ -75,7 +75,7 @@ for job in sorted(res):
         )
     print()
     # Same-round ratios of A to B (interleaved in one run): median and spread.
-    for a, b in [("async", "async-plain"), ("sync", "sync-plain"), ("async-journal", "async"), ("async", "async-noebpf")]:
+    for a, b in [("async", "async-plain"), ("sync", "sync-plain"), ("async-journal", "async"), ("async-mirror", "async"), ("async", "async-noebpf")]:
         if a in res[job] and b in res[job]:
             rb = {x["round"]: x[unit] for x in res[job][b]}
             ratios = sorted(x[unit] / rb[x["round"]] for x in res[job][a] if rb.get(x["round"]))

@@ -39,6 +39,15 @@ pub fn create(cfg: &Config, node: &str, force: bool) -> anyhow::Result<String> {
             n.backing.display()
         );
     }
+    if let Some(m) = &n.legs.mirror {
+        let have = size_of(m).with_context(|| format!("mirror {} (node.mirror)", m.display()))?;
+        if have < size {
+            bail!(
+                "mirror {} is {have} bytes, the resource needs {size} bytes (resource.size)",
+                m.display()
+            );
+        }
+    }
     match read_area(&n.metadata) {
         Ok(Some(area)) => match Metadata::decode_area(&area) {
             Ok((m, _)) if !force => bail!(
@@ -68,8 +77,21 @@ pub fn create(cfg: &Config, node: &str, force: bool) -> anyhow::Result<String> {
         .with_context(|| format!("metadata {} (node.metadata)", n.metadata.display()))?;
     f.write_all(&area)?;
     f.sync_all()?;
+    // A new volume: the legs' old record (which leg holds what) does not describe it. Without
+    // it the next start copies the backing onto the mirror in full.
+    let legs = cfg.legs_state(n);
+    let legs_note = match std::fs::remove_file(&legs) {
+        Ok(()) => format!("; the old leg state {} was removed", legs.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("removing {}", legs.display())),
+    };
+    let mirror_note = if n.legs.mirror.is_some() {
+        "; the mirror is copied from the backing in full when the daemon starts"
+    } else {
+        ""
+    };
     Ok(format!(
-        "{}/{node}: metadata created in {} ({} bytes volume, slot size {SLOT_SIZE})",
+        "{}/{node}: metadata created in {} ({} bytes volume, slot size {SLOT_SIZE}){legs_note}{mirror_note}",
         cfg.resource.name,
         n.metadata.display(),
         size

@@ -459,6 +459,15 @@ fn leg_commands_refuse_what_would_lose_data_and_bad_requests() {
         l.p.blkrep(0, &["leg", "fault", "--leg", "1", "--mode", "error"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fault injection is off"));
+    // A new volume (create-md --force) forgets which leg held what: the mirror is copied
+    // in full at the next start.
+    l.p.ok(0, &["down"]);
+    let out = l.p.ok(0, &["create-md", "--force"]);
+    assert!(
+        out.contains("old leg state") && out.contains("in full"),
+        "{out}"
+    );
+    assert!(!l.p.dir.path().join("alpha.md.legs").exists());
 }
 
 #[test]
