@@ -144,7 +144,10 @@ impl Volume {
                     ),
                 ));
             }
-            if self.needs_full_sync() && !self.crashed_primary {
+            // ...unless its disk failed: then it holds nothing (sim seed 495: a diskless
+            // primary that lost its link and crashed was promoted on its failed disk).
+            let crashed_with_data = self.crashed_primary && self.disk_state != DiskState::Failed;
+            if self.needs_full_sync() && !crashed_with_data {
                 return Err(err(
                     "not_up_to_date",
                     format!(
@@ -552,6 +555,17 @@ impl Volume {
         }
         self.role = Role::Secondary;
         self.role_meta_after = None;
+        if self.disk_state == DiskState::Diskless {
+            // Its local disk missed every write made diskless: it holds no usable image
+            // (sim seed 479: a demoted diskless primary was resynced as if it had one).
+            self.disk_state = DiskState::Failed;
+            for (_, req) in std::mem::take(&mut self.remote_reads) {
+                self.emit(Output::Complete {
+                    req,
+                    result: Err(IoError::Io),
+                });
+            }
+        }
         // The blocks of an abandoned resync stay dirty until a new one moves them.
         self.resync_items.clear();
         // Shipping is a primary's job: what the peer lacks it gets from the next primary.

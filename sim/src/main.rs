@@ -188,6 +188,7 @@ fn add(t: &mut Stats, s: &Stats) {
     t.journal_replays += s.journal_replays;
     t.undo_sessions += s.undo_sessions;
     t.undo_rollbacks += s.undo_rollbacks;
+    t.diskless += s.diskless;
     t.liveness_seconds += s.liveness_seconds;
     t.liveness_connects += s.liveness_connects;
 }
@@ -252,8 +253,8 @@ fn many(from: u64, count: u64, deadline: Option<Instant>, a: &Args) -> ExitCode 
         );
         let t = &s.totals;
         println!(
-            "  covered: {} writes, {} reads, {} flushes, {} crashes, {} clean restarts, {} partitions, {} resets, {} stalls, {} corrupted frames, {} disk errors, {} connects, {} promotes ({} refused), {} demotes, {} resyncs, {} forced takeovers, {} split brains resolved, {} verifies, {} daemon kills, {} journal replays, {} protected catch-ups, {} rolled back by a takeover",
-            t.client_writes_ok, t.client_reads_ok, t.flushes_ok, t.crashes, t.clean_restarts, t.partitions, t.resets, t.stalls, t.garbage_frames, t.disk_errors, t.connects, t.promotes_ok, t.promotes_refused, t.demotes_ok, t.full_syncs, t.forced_takeovers, t.split_brains_resolved, t.verifies_completed, t.kills, t.journal_replays, t.undo_sessions, t.undo_rollbacks
+            "  covered: {} writes, {} reads, {} flushes, {} crashes, {} clean restarts, {} partitions, {} resets, {} stalls, {} corrupted frames, {} disk errors, {} connects, {} promotes ({} refused), {} demotes, {} resyncs, {} forced takeovers, {} split brains resolved, {} verifies, {} daemon kills, {} journal replays, {} protected catch-ups, {} rolled back by a takeover, {} diskless primaries",
+            t.client_writes_ok, t.client_reads_ok, t.flushes_ok, t.crashes, t.clean_restarts, t.partitions, t.resets, t.stalls, t.garbage_frames, t.disk_errors, t.connects, t.promotes_ok, t.promotes_refused, t.demotes_ok, t.full_syncs, t.forced_takeovers, t.split_brains_resolved, t.verifies_completed, t.kills, t.journal_replays, t.undo_sessions, t.undo_rollbacks, t.diskless
         );
         println!(
             "  checks: {} replica prefix, {} primary reads, {} sync-loss, {} durability; liveness {:.1} s simulated in all",

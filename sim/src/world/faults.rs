@@ -197,8 +197,18 @@ impl World {
                 }
             }
         }
-        // What the client of a primary was promised durable must have survived.
-        if let Some(m) = self.nodes[i].model.take() {
+        // What the client of a primary was promised durable must have survived, on its
+        // disk, unless that disk failed: a failed disk is no copy anyone reads again (it is
+        // resynced in full), and what a diskless primary acknowledged is on the peer (held
+        // to the replica-prefix check there).
+        let disk_gone = self.nodes[i].vol.as_ref().is_some_and(|v| {
+            matches!(
+                v.probe().disk_state,
+                DiskState::Failed | DiskState::Diskless
+            )
+        });
+        let model = self.nodes[i].model.take();
+        if let Some(m) = model.filter(|_| !disk_gone) {
             self.stats.durability_checks += 1;
             let cs = self.durable_contents(i);
             for (s, c) in cs.into_iter().enumerate() {

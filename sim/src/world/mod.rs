@@ -173,6 +173,8 @@ pub struct Stats {
     /// back (each checked against the image recorded at its start).
     pub undo_sessions: u64,
     pub undo_rollbacks: u64,
+    /// Primaries that went on diskless after their disk failed.
+    pub diskless: u64,
     pub liveness_seconds: f64,
     pub liveness_connects: u64,
 }
@@ -342,6 +344,8 @@ impl World {
         // Small activity-log extents, so that resyncs of part of the volume happen.
         v.al_extent = 16 << 10;
         v.checksum_full_sync = self.cfg.seed.is_multiple_of(2);
+        // A quarter of the seeds: a primary whose disk fails goes on diskless when it can.
+        v.diskless_on_failure = self.cfg.seed % 4 == 3;
         // Bandwidth limits on a third of the seeds: items wait in the queue for budget.
         if self.cfg.seed % 3 == 1 {
             v.replication_rate = 16 << 20;
@@ -584,6 +588,9 @@ impl World {
                 }
                 if e.kind == "resolve" {
                     self.stats.split_brains_resolved += 1;
+                }
+                if e.kind == "failure" && e.message.contains("goes on diskless") {
+                    self.stats.diskless += 1;
                 }
                 if e.kind == "resync" && e.message.starts_with("resync to the peer started") {
                     self.stats.full_syncs += 1;

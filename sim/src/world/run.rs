@@ -164,12 +164,15 @@ impl World {
                     ),
                 ));
             }
-            // A primary whose disk failed is demoted, so that the peer can take over.
+            // A primary whose disk failed (or that runs diskless on its peer) is demoted, so
+            // that the peer can take over.
             if let Some(p) = self.primary() {
-                let failed = self.nodes[p]
-                    .vol
-                    .as_ref()
-                    .is_some_and(|v| v.probe().disk_state == DiskState::Failed);
+                let failed = self.nodes[p].vol.as_ref().is_some_and(|v| {
+                    matches!(
+                        v.probe().disk_state,
+                        DiskState::Failed | DiskState::Diskless
+                    )
+                });
                 if failed && self.now >= next_promote {
                     self.log(|| format!("liveness: operator demotes {} (disk failed)", NODES[p]));
                     self.input(
