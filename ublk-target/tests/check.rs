@@ -201,6 +201,12 @@ fn check_fails_on_an_unreachable_peer_a_mismatched_config_and_a_wrong_key() {
 fn a_baseline_shows_what_changed_since() {
     let p = Pair::new("baseline", "async", 16 << 20);
     p.start(0);
+    // The initial full sync is over (not only between two of its attempts, as a link
+    // reset under load can make `wait_in_sync` see): the peer says it is up to date.
+    p.wait_for(0, "peer up to date", |s| {
+        s["engine"]["peer_disk_state"] == "up_to_date"
+    });
+    p.wait_in_sync(0);
     let out = p.ok(
         0,
         &[
