@@ -247,15 +247,6 @@ const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
 impl DiskIo {
-    /// True for the operations that change the backing's content (writes, zeroing,
-    /// discards); a drill's cut waits for them.
-    pub fn mutates_backing(&self) -> bool {
-        matches!(
-            self,
-            DiskIo::Write { .. } | DiskIo::Fallocate { .. } | DiskIo::ZeroFill { .. }
-        )
-    }
-
     /// The operation for an engine disk op (metadata ops get their slot from `meta`).
     pub fn new(kind: DiskKind, meta: &MetaArea) -> Result<DiskIo, MetaError> {
         Ok(match kind {

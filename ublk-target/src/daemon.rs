@@ -408,12 +408,9 @@ impl Loop {
                     self.ops[key] = Some(Op::Disk { op, io });
                     self.push(e.user_data(key as u64));
                 }
-                Step::Done(result) => {
-                    if io.mutates_backing() {
-                        self.drill_write_done();
-                    }
-                    self.feed(Input::DiskDone { op, result })
-                }
+                // Metadata and journal only: the volume's writes are leg groups (their
+                // completion tells the drill gate).
+                Step::Done(result) => self.feed(Input::DiskDone { op, result }),
             },
             Op::Leg {
                 tag,

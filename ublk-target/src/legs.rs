@@ -785,6 +785,13 @@ impl Legs {
         self.legs[r.target].lacks.is_empty()
     }
 
+    /// A rebuild is under way, with no copy in flight, and its target lacks nothing.
+    pub fn rebuild_complete(&self) -> bool {
+        self.rebuild
+            .as_ref()
+            .is_some_and(|r| r.copying.is_none() && self.legs[r.target].lacks.is_empty())
+    }
+
     /// The rebuilt leg is flushed: it is healthy. Returns its index.
     pub fn finish_rebuild(&mut self) -> Option<usize> {
         let r = self.rebuild.take()?;

@@ -24,8 +24,6 @@ struct Legs {
 impl Legs {
     /// A sync pair whose primary (alpha) has a mirror; `extra`: more lines for alpha.
     fn new(tag: &str, extra: &str) -> Legs {
-        let dir_probe = tempdir::Dir::new("probe");
-        drop(dir_probe);
         // The mirror's path must be in the config before the pair writes it: use a name
         // inside the pair's directory, created after.
         let p = Pair::with_node_extra(
@@ -492,14 +490,12 @@ fn with_both_legs_failed_a_diskless_primary_serves_through_its_peer() {
     let s = l.p.status(0);
     assert_eq!(s["engine"]["disk_state"], "diskless", "{s:#}");
     assert_eq!(s["local"], "failed");
-    assert!(
+    // Alerts are raised on the next tick.
+    l.p.wait_for(0, "disk_failed alert", |s| {
         s["alerts"]
             .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["name"] == "disk_failed"),
-        "{s:#}"
-    );
+            .is_some_and(|a| a.iter().any(|x| x["name"] == "disk_failed"))
+    });
     // Writes complete once the peer has them, and read back from it.
     qio(
         &l,

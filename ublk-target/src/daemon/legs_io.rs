@@ -138,26 +138,21 @@ impl Loop {
         );
         match what {
             What::Read { .. } => self.group_next(g),
-            What::Modify { start, end } => {
-                // Legs that are out lack this range: recorded before the write completes.
-                self.legs.note_write(start, end);
+            What::Modify { .. } | What::Flush => {
+                if let What::Modify { start, end } = what {
+                    // Legs that are out lack this range: recorded before the write completes.
+                    self.legs.note_write(start, end);
+                }
                 let targets: Vec<usize> = self.legs.healthy().collect();
                 for &l in &targets {
                     self.legio.groups.get_mut(&g).expect("new").pending |= 1 << l;
                 }
                 for l in targets {
-                    let io = DiskIo::new(kind.clone(), &self.meta).expect("not metadata");
+                    let io = match what {
+                        What::Flush => DiskIo::Fsync { journal: false },
+                        _ => DiskIo::new(kind.clone(), &self.meta).expect("not metadata"),
+                    };
                     self.leg_issue(LegTag::Group(g), l, io);
-                }
-                self.group_next(g);
-            }
-            What::Flush => {
-                let targets: Vec<usize> = self.legs.healthy().collect();
-                for &l in &targets {
-                    self.legio.groups.get_mut(&g).expect("new").pending |= 1 << l;
-                }
-                for l in targets {
-                    self.leg_issue(LegTag::Group(g), l, DiskIo::Fsync { journal: false });
                 }
                 self.group_next(g);
             }
@@ -371,8 +366,7 @@ impl Loop {
         if !self.legs.fail(leg, why.clone()) {
             return;
         }
-        self.legio.copy_gen += 1;
-        self.legio.copy_started = None;
+        self.stop_copy();
         let path = self.legs.legs[leg].path.display().to_string();
         let left = self.legs.healthy_count();
         let (severity, tail) = if left > 0 {
@@ -433,6 +427,12 @@ impl Loop {
         }
     }
 
+    /// Forget the rebuild copy in flight (its completions are then ignored as stale).
+    fn stop_copy(&mut self) {
+        self.legio.copy_gen += 1;
+        self.legio.copy_started = None;
+    }
+
     /// Every tick: time out legs that do not answer, pace the rebuild, record progress.
     pub(super) fn legs_tick(&mut self) {
         let limit = std::time::Duration::from_secs_f64(self.legs.cfg.timeout);
@@ -473,17 +473,7 @@ impl Loop {
         self.legs.start_rebuild_if_due();
         let Some((src, _dst, s, e)) = self.legs.next_copy() else {
             // Nothing (left) to copy: the leg is rebuilt.
-            if self
-                .legs
-                .rebuild
-                .as_ref()
-                .is_some_and(|r| r.copying.is_none())
-                && self
-                    .legs
-                    .rebuild
-                    .as_ref()
-                    .is_some_and(|r| self.legs.legs[r.target].lacks.is_empty())
-            {
+            if self.legs.rebuild_complete() {
                 self.rebuild_finished();
             }
             return;
@@ -642,8 +632,6 @@ impl Loop {
         let msg = match action {
             LegAction::Detach => {
                 self.legs.detach(leg).map_err(refuse)?;
-                self.legio.copy_gen += 1;
-                self.legio.copy_started = None;
                 format!(
                     "leg {leg} ({}) detached: writes are tracked for its return (`blkrep leg \
                      attach`)",
@@ -657,13 +645,9 @@ impl Loop {
                         "attach takes the leg's own device; use `replace --path` for a new one",
                     ));
                 }
-                let m = self
-                    .legs
+                self.legs
                     .attach(leg, None, full, &mut open)
-                    .map_err(refuse)?;
-                self.legio.copy_gen += 1;
-                self.legio.copy_started = None;
-                m
+                    .map_err(refuse)?
             }
             LegAction::Replace => {
                 let Some(p) = path else {
@@ -685,15 +669,13 @@ impl Loop {
                         p.display()
                     )));
                 }
-                let m = self
-                    .legs
+                self.legs
                     .attach(leg, Some(p), true, &mut open)
-                    .map_err(refuse)?;
-                self.legio.copy_gen += 1;
-                self.legio.copy_started = None;
-                m
+                    .map_err(refuse)?
             }
         };
+        // The rebuild the command ended or restarted: its copy in flight is stale.
+        self.stop_copy();
         self.legs
             .save()
             .map_err(|e| ControlError::new("io", &format!("cannot record the legs' state: {e}")))?;
